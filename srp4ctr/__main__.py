@@ -1,0 +1,5 @@
+import sys
+
+from srp4ctr.cli import main
+
+sys.exit(main())
