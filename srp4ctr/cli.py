@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from srp4ctr.errors import SRP4CTRError
 
@@ -50,6 +51,112 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_dataset(args: argparse.Namespace):
+    from srp4ctr import data
+
+    return data.prepare(args.dataset, path=args.path, data_dir=args.data_dir,
+                        columns=args.columns, progress=False)
+
+
+def _model_config(args: argparse.Namespace, **extra):
+    from srp4ctr.models import ModelConfig
+
+    base = ModelConfig().to_dict()
+    for name in ("d_model", "n_layers", "n_heads", "max_len", "n_queries", "dropout", "mask_rate"):
+        v = getattr(args, name, None)
+        if v is not None:
+            base[name] = v
+    base.update(extra)
+    return ModelConfig.from_dict(base)
+
+
+def _train_config(args: argparse.Namespace):
+    from srp4ctr.train import TrainConfig
+
+    base = TrainConfig().to_dict()
+    for name in ("epochs", "batch_size", "lr", "weight_decay", "patience", "seed",
+                 "max_steps_per_epoch", "device", "num_threads", "negatives"):
+        v = getattr(args, name, None)
+        if v is not None:
+            base[name] = v
+    base["progress"] = not getattr(args, "quiet", False)
+    return TrainConfig.from_dict(base)
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--d-model", dest="d_model", type=int, help="hidden size (default 64)")
+    g.add_argument("--layers", dest="n_layers", type=int, help="Transformer layers (default 2)")
+    g.add_argument("--heads", dest="n_heads", type=int, help="attention heads (default 2)")
+    g.add_argument("--max-len", dest="max_len", type=int, help="history length L (default 200)")
+    g.add_argument("--queries", dest="n_queries", type=int, help="Q-Former queries M (default 4)")
+    g.add_argument("--dropout", type=float, help="dropout (default 0.1)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, help="maximum epochs (default 20)")
+    g.add_argument("--batch-size", dest="batch_size", type=int, help="batch size (default 256)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    g.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay")
+    g.add_argument("--patience", type=int, help="early-stopping patience in epochs (default 2)")
+    g.add_argument("--seed", type=int, help="random seed (default 0)")
+    g.add_argument("--max-steps-per-epoch", dest="max_steps_per_epoch", type=int,
+                   help="cap on steps per epoch (quick runs)")
+    g.add_argument("--device", help="cpu or cuda (default cpu)")
+    g.add_argument("--threads", dest="num_threads", type=int, help="torch CPU threads")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from srp4ctr.train import pretrain
+
+    ds = _load_dataset(args)
+    mcfg = _model_config(args, mask_rate=args.mask_rate) if args.mask_rate is not None \
+        else _model_config(args)
+    res = pretrain(ds, args.out, model_config=mcfg, train_config=_train_config(args),
+                   kind=args.kind)
+    print(json.dumps({k: res[k] for k in ("kind", "valid", "test", "best_epoch",
+                                          "sequences_per_s")}, indent=2))
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from srp4ctr.train import finetune
+
+    ds = _load_dataset(args)
+    extra = {}
+    if args.freeze_encoder:
+        extra["freeze_encoder"] = True
+    if args.no_xattn:
+        extra["use_xattn"] = False
+    if args.no_qformer:
+        extra["use_qformer"] = False
+    res = finetune(ds, args.out, kind=args.model, model_config=_model_config(args, **extra),
+                   train_config=_train_config(args), pretrained=args.pretrained)
+    print(json.dumps({k: res[k] for k in ("kind", "valid", "test", "best_epoch",
+                                          "samples_per_s")}, indent=2))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from srp4ctr.train import evaluate
+
+    ds = _load_dataset(args)
+    print(json.dumps(evaluate(args.run, ds, split=args.split, device=args.device or "cpu"),
+                     indent=2))
+    return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from srp4ctr.train.experiment import run_experiment
+
+    ds = _load_dataset(args)
+    models = args.models.split(",") if args.models else None
+    res = run_experiment(ds, args.out, seeds=args.seeds, models=models,
+                         model_config=_model_config(args), train_config=_train_config(args),
+                         resume=not args.no_resume, progress=not args.quiet)
+    print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from srp4ctr.demo import run_demo
 
@@ -78,6 +185,67 @@ def build_parser() -> argparse.ArgumentParser:
     p_prep.add_argument("--force", action="store_true", help="rebuild even if cached")
     p_prep.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
     p_prep.set_defaults(func=_cmd_data_prepare)
+
+    p_pre = sub.add_parser(
+        "pretrain",
+        help="pre-train FG-BERT (or the item-id-only BERT) on the training part",
+        description="Pre-train FG-BERT with the multi-attribute masked objective on each user's "
+        "training interactions; early stopping on validation next-item NDCG@10; writes a "
+        "checkpoint directory (config.json + model.safetensors), metrics.json and curves.png.",
+    )
+    _add_data_args(p_pre)
+    p_pre.add_argument("--out", required=True, help="checkpoint directory to write")
+    p_pre.add_argument("--kind", choices=["fgbert", "bert"], default="fgbert",
+                       help="fgbert (side information, two masking strategies) or bert "
+                       "(item ids only)")
+    p_pre.add_argument("--mask-rate", dest="mask_rate", type=float, help="default 0.2")
+    _add_train_args(p_pre)
+    p_pre.set_defaults(func=_cmd_pretrain)
+
+    p_ft = sub.add_parser(
+        "finetune",
+        help="train a CTR model (SRP4CTR or a baseline)",
+        description="Train a CTR model with BCE on the training split; early stopping on "
+        "validation AUC; writes a checkpoint directory, metrics.json and curves.png.",
+    )
+    _add_data_args(p_ft)
+    p_ft.add_argument("--out", required=True, help="checkpoint directory to write")
+    p_ft.add_argument("--model", choices=["srp4ctr", "din", "bst", "user_vector"],
+                      default="srp4ctr", help="which CTR model (default srp4ctr)")
+    p_ft.add_argument("--pretrained", help="pre-training checkpoint to start the encoder from")
+    p_ft.add_argument("--freeze-encoder", action="store_true",
+                      help="keep the pre-trained encoder fixed")
+    p_ft.add_argument("--no-xattn", action="store_true", help="ablation: no uni cross-attention")
+    p_ft.add_argument("--no-qformer", action="store_true", help="ablation: no Q-Former")
+    p_ft.add_argument("--negatives", choices=["uni100"], default=None,
+                      help="sampled-negatives variant of the CTR samples")
+    _add_train_args(p_ft)
+    p_ft.set_defaults(func=_cmd_finetune)
+
+    p_ev = sub.add_parser("evaluate", help="metrics of a checkpoint on a split",
+                          description="Evaluate a checkpoint (CTR: AUC, gAUC, logloss; "
+                          "pre-training: HR@10, NDCG@10) on the validation or test split.")
+    _add_data_args(p_ev)
+    p_ev.add_argument("--run", required=True, help="checkpoint directory")
+    p_ev.add_argument("--split", choices=["valid", "test"], default="test")
+    p_ev.add_argument("--device", default=None, help="cpu or cuda")
+    p_ev.set_defaults(func=_cmd_evaluate)
+
+    p_ex = sub.add_parser(
+        "experiment",
+        help="train every model over several seeds and write results.json/.md and a plot",
+        description="Pre-train FG-BERT and BERT, train DIN, BST, the user-vector baseline, "
+        "SRP4CTR and its ablations for each seed; write OUT/results.json, OUT/results.md "
+        "(mean ± std, protocol, cost analysis) and OUT/results.png. Finished runs are kept and "
+        "skipped when the command is run again.",
+    )
+    _add_data_args(p_ex)
+    p_ex.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
+    p_ex.add_argument("--out", required=True, help="output directory")
+    p_ex.add_argument("--models", help="comma-separated subset of the model keys")
+    p_ex.add_argument("--no-resume", action="store_true", help="ignore finished runs in OUT")
+    _add_train_args(p_ex)
+    p_ex.set_defaults(func=_cmd_experiment)
 
     p_demo = sub.add_parser(
         "demo",

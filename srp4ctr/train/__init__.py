@@ -1,1 +1,15 @@
-"""(populated below)"""
+"""Training: FG-BERT pre-training, CTR fine-tuning, evaluation, experiments, checkpoints."""
+
+from srp4ctr.train.checkpoint import load_checkpoint, save_checkpoint
+from srp4ctr.train.config import TrainConfig
+from srp4ctr.train.loop import evaluate, finetune, load_model, pretrain
+
+__all__ = [
+    "TrainConfig",
+    "pretrain",
+    "finetune",
+    "evaluate",
+    "load_model",
+    "save_checkpoint",
+    "load_checkpoint",
+]

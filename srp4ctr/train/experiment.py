@@ -1,0 +1,263 @@
+"""``srp4ctr experiment``: every model, several seeds, one table.
+
+For each seed: pre-train FG-BERT and the item-id-only BERT on the training part, then fine-tune
+every CTR model on the same split and evaluate on the test split. Results are written after each
+run, so an interrupted experiment keeps what it finished and ``resume=True`` skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from srp4ctr.train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Variant:
+    kind: str
+    pretrain: str | None = None  # "fgbert", "bert" or None
+    overrides: dict = field(default_factory=dict)
+    label: str = ""
+
+
+VARIANTS: dict[str, Variant] = {
+    "din": Variant("din", label="DIN"),
+    "bst": Variant("bst", label="BST"),
+    "user_vector": Variant("user_vector", "fgbert", label="pre-trained user vector as a feature"),
+    "srp4ctr_nopretrain": Variant("srp4ctr", None, label="SRP4CTR without pre-training"),
+    "srp4ctr_bert": Variant("srp4ctr", "bert", label="SRP4CTR, item-id-only BERT pre-training"),
+    "srp4ctr_fgbert": Variant("srp4ctr", "fgbert", label="SRP4CTR (FG-BERT) — full method"),
+    "srp4ctr_no_xattn": Variant("srp4ctr", "fgbert", {"use_xattn": False},
+                                label="SRP4CTR without uni cross-attention"),
+    "srp4ctr_no_qformer": Variant("srp4ctr", "fgbert", {"use_qformer": False},
+                                  label="SRP4CTR without Q-Former"),
+}
+
+METRICS = ("auc", "gauc", "logloss")
+
+
+def protocol_text(ds, max_len: int, seeds: list[int], negatives: str | None) -> str:
+    sample = ("every interaction of the split is a sample, label = rating >= 4"
+              if negatives is None else f"sampled negatives ({negatives})")
+    return (
+        f"{ds.name}: {ds.n_users} users, {ds.n_items} items, {len(ds.item)} interactions. "
+        "Per-user time-ordered split by position (first 80% train, next 10% validation, last 10% "
+        "test). CTR samples: " + sample + "; history = up to "
+        f"{max_len} earlier interactions of the same user. Pre-training sees training "
+        "interactions only. Metrics on the test split: AUC; gAUC = per-user AUC weighted by the "
+        "user's sample count, users with one class skipped; logloss. Early stopping and model "
+        f"choice on validation AUC only. Seeds {seeds}."
+    )
+
+
+def run_experiment(
+    ds, out: str | os.PathLike, *, seeds: int | list[int] = 5, models: list[str] | None = None,
+    model_config=None, train_config: TrainConfig | None = None, resume: bool = True,
+    progress: bool = True, pretrain_epochs: int | None = None,
+) -> dict:
+    from srp4ctr.models import ModelConfig
+    from srp4ctr.train.loop import finetune, pretrain
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    models = list(models or VARIANTS)
+    unknown = [m for m in models if m not in VARIANTS]
+    if unknown:
+        from srp4ctr.errors import InputError
+
+        raise InputError(f"unknown model keys {unknown}; known: {list(VARIANTS)}")
+    mcfg = model_config or ModelConfig()
+    tcfg = train_config or TrainConfig()
+    results_path = out / "results.json"
+    results = _load(results_path) if resume else None
+    if results is None or results.get("dataset") != ds.name or results.get("fingerprint") != ds.fingerprint:
+        results = {"dataset": ds.name, "fingerprint": ds.fingerprint, "runs": {}, "pretrain": {},
+                   "details": {}}
+    results["protocol"] = protocol_text(ds, mcfg.max_len, seeds, tcfg.negatives)
+    results["model_config"] = mcfg.to_dict()
+    results["train_config"] = tcfg.to_dict()
+    results["machine"] = machine_info()
+    results["seeds"] = seeds
+    t_start = time.perf_counter()
+    for seed in seeds:
+        tc = TrainConfig.from_dict({**tcfg.to_dict(), "seed": seed, "progress": progress})
+        needed = {VARIANTS[m].pretrain for m in models} - {None}
+        pre_dirs = {}
+        for pkind in sorted(needed):
+            pdir = out / "runs" / f"seed{seed}" / f"pretrain_{pkind}"
+            pre_dirs[pkind] = pdir
+            done = results["pretrain"].get(pkind, {}).get(str(seed))
+            if done is not None and (pdir / "config.json").exists():
+                continue
+            ptc = tc if pretrain_epochs is None else TrainConfig.from_dict(
+                {**tc.to_dict(), "epochs": pretrain_epochs})
+            r = pretrain(ds, pdir, model_config=mcfg, train_config=ptc, kind=pkind)
+            results["pretrain"].setdefault(pkind, {})[str(seed)] = _slim(r)
+            _save(results_path, results)
+        for m in models:
+            if str(seed) in results["details"].get(m, {}):
+                continue
+            v = VARIANTS[m]
+            mc = type(mcfg).from_dict({**mcfg.to_dict(), **v.overrides})
+            r = finetune(ds, out / "runs" / f"seed{seed}" / m, kind=v.kind, model_config=mc,
+                         train_config=tc, pretrained=pre_dirs.get(v.pretrain) if v.pretrain else None,
+                         name=f"{m} seed {seed}")
+            results["details"].setdefault(m, {})[str(seed)] = _slim(r)
+            _save(results_path, results)
+    # one value per seed, in seed order
+    results["runs"] = {
+        m: {k: [results["details"][m][str(s)]["test"][k] for s in seeds
+                if str(s) in results["details"].get(m, {})] for k in METRICS}
+        for m in models
+    }
+    results["valid_runs"] = {
+        m: {k: [results["details"][m][str(s)]["valid"][k] for s in seeds
+                if str(s) in results["details"].get(m, {})] for k in METRICS}
+        for m in models
+    }
+    results["throughput"] = throughput_summary(results)
+    results["cost"] = cost_table(mcfg)
+    results["wall_seconds_this_call"] = time.perf_counter() - t_start
+    _save(results_path, results)
+    write_markdown(out / "results.md", results)
+    plot_results(out / "results.png", results)
+    return results
+
+
+def _slim(r: dict) -> dict:
+    return {k: v for k, v in r.items() if k != "history"} | {"epochs_run": len(r.get("history", []))}
+
+
+def _load(path: Path):
+    if path.exists():
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def _save(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def machine_info() -> dict:
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def throughput_summary(results: dict) -> dict:
+    out = {}
+    for pkind, per_seed in results.get("pretrain", {}).items():
+        vals = [r["sequences_per_s"] for r in per_seed.values() if "sequences_per_s" in r]
+        if vals:
+            out[f"pretrain_{pkind}_sequences_per_s"] = float(np.median(vals))
+    for m, per_seed in results.get("details", {}).items():
+        vals = [r["samples_per_s"] for r in per_seed.values() if "samples_per_s" in r]
+        if vals:
+            out[f"finetune_{m}_samples_per_s"] = float(np.median(vals))
+    return out
+
+
+def cost_table(mcfg, candidates=(1, 100)) -> list[dict]:
+    """Analytic FLOPs per request (the paper's efficiency- and inference-FLOPs)."""
+    from srp4ctr.models import flops_per_request
+
+    rows = []
+    for kind in ("din", "bst", "srp4ctr"):
+        for c in candidates:
+            f = flops_per_request(kind, mcfg, mcfg.max_len, c)
+            rows.append({"model": kind, "candidates": c, **f})
+    return rows
+
+
+def _mean_std(xs) -> str:
+    if not xs:
+        return "—"
+    a = np.asarray(xs, dtype=float)
+    sd = a.std(ddof=1) if len(a) > 1 else 0.0
+    return f"{a.mean():.4f} ± {sd:.4f}"
+
+
+def write_markdown(path: Path, results: dict) -> None:
+    lines = [f"# Results on {results['dataset']}", "", "## Protocol", "", results["protocol"], "",
+             f"Mean ± sample standard deviation over {len(results['seeds'])} seeds, test split.",
+             "", "| model | AUC | gAUC | logloss | valid AUC |", "|---|---|---|---|---|"]
+    for m, vals in results["runs"].items():
+        label = VARIANTS[m].label
+        lines.append(
+            f"| `{m}` ({label}) | {_mean_std(vals['auc'])} | {_mean_std(vals['gauc'])} | "
+            f"{_mean_std(vals['logloss'])} | {_mean_std(results['valid_runs'][m]['auc'])} |"
+        )
+    if results.get("pretrain"):
+        lines += ["", "## Pre-training (next-item prediction, test: each user's first test item)", "",
+                  "| pre-training | HR@10 | NDCG@10 | HR@10 (100 neg.) | NDCG@10 (100 neg.) |",
+                  "|---|---|---|---|---|"]
+        for pkind, per_seed in results["pretrain"].items():
+            t = [r["test"] for r in per_seed.values()]
+            lines.append(
+                f"| {pkind} | {_mean_std([x['hr@10'] for x in t])} | "
+                f"{_mean_std([x['ndcg@10'] for x in t])} | "
+                f"{_mean_std([x['hr@10_sampled100'] for x in t])} | "
+                f"{_mean_std([x['ndcg@10_sampled100'] for x in t])} |"
+            )
+    lines += ["", "## Cost per request (analytic FLOPs, user side computed once)", "",
+              "| model | candidates | user-side FLOPs | candidate-side FLOPs | total |",
+              "|---|---|---|---|---|"]
+    for r in results["cost"]:
+        lines.append(f"| {r['model']} | {r['candidates']} | {r['user']:.3g} | "
+                     f"{r['candidates_total']:.3g} | {r['total']:.3g} |")
+    if results.get("throughput"):
+        lines += ["", "## Training throughput", "", "| what | per second |", "|---|---|"]
+        for k, v in results["throughput"].items():
+            lines.append(f"| {k} | {v:.0f} |")
+    mi = results["machine"]
+    lines += ["", f"Machine: {mi['processor']}, {mi['cpu_count']} CPUs, torch {mi['torch']}, "
+              f"{mi['threads']} threads."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot_results(path: Path, results: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = list(results["runs"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, k in zip(axes, METRICS):
+        vals = [np.asarray(results["runs"][m][k], float) for m in names]
+        means = [v.mean() if len(v) else np.nan for v in vals]
+        sds = [v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals]
+        colors = ["C3" if m == "srp4ctr_fgbert" else "C0" for m in names]
+        ax.bar(range(len(names)), means, yerr=sds, color=colors, capsize=3)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"test {k} (mean ± sd, {len(results['seeds'])} seeds)")
+        finite = [m for m in means if np.isfinite(m)]
+        if finite:
+            lo, hi = min(finite), max(finite)
+            pad = max(hi - lo, 1e-3)
+            ax.set_ylim(lo - pad, hi + pad)
+    fig.suptitle(f"{results['dataset']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

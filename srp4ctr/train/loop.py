@@ -1,0 +1,542 @@
+"""Pre-training (FG-BERT), fine-tuning (SRP4CTR and baselines) and evaluation.
+
+Both loops run as one process or under ``torchrun`` with DistributedDataParallel: each rank
+trains on its shard of every epoch's shuffled samples, evaluation is sharded and gathered, and
+rank 0 writes the checkpoint, ``metrics.json`` and the learning-curve PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from srp4ctr import metrics
+from srp4ctr.errors import InputError
+from srp4ctr.train.checkpoint import load_checkpoint, save_checkpoint
+from srp4ctr.train.config import TrainConfig
+from srp4ctr.train.distributed import World, all_mean, gather_objects, init_world
+
+PRETRAIN_KINDS = ("fgbert", "bert")
+CTR_KINDS = ("srp4ctr", "din", "bst", "user_vector")
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def _progress(iterable, *, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    if device == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def iterate_batches(
+    dataset, indices: np.ndarray, batch_size: int, *, lengths: np.ndarray | None = None,
+    rng: np.random.Generator | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of ``dataset`` over ``indices`` in order (or length-bucketed and shuffled).
+
+    With ``lengths`` and ``rng``, indices are sorted by history length inside windows of 64
+    batches and the batches are shuffled: much less padding, still a random order.
+    """
+    if lengths is not None and rng is not None and len(indices) > batch_size:
+        window = batch_size * 64
+        chunks = []
+        for s in range(0, len(indices), window):
+            w = indices[s : s + window]
+            w = w[np.argsort(lengths[w], kind="stable")]
+            chunks.extend(w[i : i + batch_size] for i in range(0, len(w), batch_size))
+        order = rng.permutation(len(chunks))
+        batches = [chunks[i] for i in order]
+    else:
+        batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    get = getattr(dataset, "get_batch", None)
+    for b in batches:
+        if get is not None:
+            yield get(b)
+        else:
+            yield dataset.collate([dataset[int(i)] for i in b])
+
+
+def _shard(indices: np.ndarray, world: World) -> np.ndarray:
+    if not world.distributed:
+        return indices
+    # equal shard sizes so every rank runs the same number of steps (DDP needs it)
+    n = (len(indices) // world.size) * world.size
+    return indices[:n][world.rank :: world.size]
+
+
+class _Call(nn.Module):
+    """Makes a model method the ``forward`` so DDP's gradient hooks see it."""
+
+    def __init__(self, model: nn.Module, method: str):
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, *args, **kwargs):
+        return getattr(self.model, self.method)(*args, **kwargs)
+
+
+def _wrap(model: nn.Module, method: str, world: World, device: str) -> nn.Module:
+    m = _Call(model, method)
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [world.local_rank] if device.startswith("cuda") else None
+        m = DDP(m, device_ids=ids, find_unused_parameters=True)
+    return m
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def plot_curves(history: list[dict], path: Path, title: str, keys: tuple[str, ...]) -> None:
+    """Training loss and validation metrics per epoch as a PNG (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is optional
+        return
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4 * (1 + len(keys)), 3.2))
+    axes[0].plot(epochs, [h["train_loss"] for h in history], marker="o")
+    axes[0].set_title("train loss")
+    axes[0].set_xlabel("epoch")
+    for ax, k in zip(axes[1:], keys):
+        ax.plot(epochs, [h.get(k, float("nan")) for h in history], marker="o", color="C1")
+        ax.set_title(f"validation {k}")
+        ax.set_xlabel("epoch")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _set_threads(cfg: TrainConfig) -> None:
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def predict_ctr(model: nn.Module, dataset, *, batch_size: int = 1024, device: str = "cpu",
+                world: World | None = None) -> dict[str, np.ndarray]:
+    """Click probabilities for every sample of a CTR dataset (sharded across ranks)."""
+    world = world or World()
+    model.eval()
+    idx = np.arange(len(dataset))
+    mine = idx[world.rank :: world.size] if world.distributed else idx
+    users, labels, probs, order = [], [], [], []
+    for s in range(0, len(mine), batch_size):
+        b = mine[s : s + batch_size]
+        batch = next(iterate_batches(dataset, b, len(b)))
+        logits = model(_to_device(batch, device)).float().cpu()
+        probs.append(torch.sigmoid(logits).numpy())
+        users.append(batch["user"].numpy())
+        labels.append(batch["label"].numpy())
+        order.append(b)
+    cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
+    part = (cat(order, np.int64), cat(users, np.int64), cat(labels, np.float32),
+            cat(probs, np.float32))
+    parts = gather_objects(world, part)
+    o = np.concatenate([p[0] for p in parts])
+    perm = np.argsort(o, kind="stable")
+    return {
+        "user": np.concatenate([p[1] for p in parts])[perm],
+        "label": np.concatenate([p[2] for p in parts])[perm],
+        "prob": np.concatenate([p[3] for p in parts])[perm],
+    }
+
+
+def ctr_metrics(pred: dict[str, np.ndarray]) -> dict[str, float]:
+    return {
+        "auc": float(metrics.auc(pred["label"], pred["prob"])),
+        "gauc": float(metrics.gauc(pred["user"], pred["label"], pred["prob"])),
+        "logloss": float(metrics.logloss(pred["label"], pred["prob"])),
+        "n": int(len(pred["label"])),
+    }
+
+
+@torch.no_grad()
+def next_item_metrics(
+    encoder: nn.Module, dataset, *, ks=(10,), n_negatives: int = 100, seed: int = 0,
+    batch_size: int = 512, device: str = "cpu", world: World | None = None,
+) -> dict[str, float]:
+    """HR@k and NDCG@k for next-item prediction, full ranking and ``n_negatives`` sampled.
+
+    Full ranking scores every item (padding and out-of-vocabulary ids excluded by the model).
+    Sampled: the target against ``n_negatives`` items drawn uniformly from those the user never
+    interacted with; the draw for sample ``i`` uses the generator ``(seed, i)``, so it is the same
+    for every model and any number of ranks. Ranks are pessimistic (ties count against the
+    target).
+    """
+    world = world or World()
+    encoder.eval()
+    ds = dataset.ds
+    idx = np.arange(len(dataset))
+    mine = idx[world.rank :: world.size] if world.distributed else idx
+    full_ranks, sampled_ranks = [], []
+    for s in range(0, len(mine), batch_size):
+        b = mine[s : s + batch_size]
+        batch = next(iterate_batches(dataset, b, len(b)))
+        logits = encoder.next_item_logits(_to_device(batch, device)).float().cpu()
+        target = batch["target_item"].long()
+        full_ranks.append(np.asarray(metrics.rank_of_target(logits, target)))
+        negs = np.stack([
+            _sample_negatives(np.random.default_rng([seed, int(i)]), ds.n_items,
+                              user_items(ds, int(u)), n_negatives)
+            for i, u in zip(b, batch["user"].tolist())
+        ])
+        tgt = logits.gather(1, target[:, None])[:, 0]
+        neg = logits.gather(1, torch.from_numpy(negs))
+        sampled_ranks.append(np.asarray(metrics.sampled_rank(tgt, neg)))
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
+    parts = gather_objects(world, (cat(full_ranks), cat(sampled_ranks)))
+    fr = np.concatenate([p[0] for p in parts])
+    sr = np.concatenate([p[1] for p in parts])
+    out: dict[str, float] = {"n": int(len(fr))}
+    for k in ks:
+        out[f"hr@{k}"] = float(metrics.hit_rate_at_k(fr, k))
+        out[f"ndcg@{k}"] = float(metrics.ndcg_at_k(fr, k))
+        out[f"hr@{k}_sampled{n_negatives}"] = float(metrics.hit_rate_at_k(sr, k))
+        out[f"ndcg@{k}_sampled{n_negatives}"] = float(metrics.ndcg_at_k(sr, k))
+    return out
+
+
+def user_items(ds, user: int) -> np.ndarray:
+    """Internal ids of every item the user interacted with (all splits)."""
+    return ds.item[ds.user_offsets[user - 1] : ds.user_offsets[user]]
+
+
+def _sample_negatives(rng: np.random.Generator, n_items: int, seen: np.ndarray, n: int) -> np.ndarray:
+    """``n`` distinct item ids in 1..n_items, none in ``seen`` (rejection sampling)."""
+    seen_set = {int(x) for x in np.asarray(seen).ravel() if 1 <= int(x) <= n_items}
+    if n_items - len(seen_set) < n:
+        raise InputError(f"only {n_items - len(seen_set)} unseen items to draw {n} negatives from")
+    out: list[int] = []
+    chosen: set[int] = set()
+    while len(out) < n:
+        for c in rng.integers(1, n_items + 1, size=2 * (n - len(out)) + 8).tolist():
+            if c not in seen_set and c not in chosen:
+                chosen.add(c)
+                out.append(c)
+                if len(out) == n:
+                    break
+    return np.asarray(out, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+def _train_epochs(
+    *, model: nn.Module, step_model: nn.Module, dataset, cfg: TrainConfig, world: World,
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor], validate: Callable[[], dict[str, float]],
+    monitor: str, lengths: np.ndarray | None, desc: str,
+) -> tuple[list[dict], dict[str, torch.Tensor], dict]:
+    """The shared epoch loop: train, validate, early-stop, keep the best weights."""
+    n = len(dataset)
+    per_rank = len(_shard(np.arange(n), world))
+    steps_per_epoch = max(1, math.ceil(per_rank / cfg.batch_size))
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    total = steps_per_epoch * cfg.epochs
+    from srp4ctr.train.optim import make_optimizer
+
+    opt, sched = make_optimizer(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=total,
+        warmup_steps=int(cfg.warmup_ratio * total), power=cfg.lr_power,
+        end_lr_ratio=cfg.end_lr_ratio,
+    )
+    history: list[dict] = []
+    best_value, best_state, best_epoch, bad = -math.inf, None, -1, 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        rng = np.random.default_rng([cfg.seed, epoch])
+        order = _shard(rng.permutation(n), world)
+        t0 = time.perf_counter()
+        losses, seen = [], 0
+        batches = iterate_batches(dataset, order, cfg.batch_size, lengths=lengths, rng=rng)
+        bar = _progress(batches, total=steps_per_epoch, desc=f"{desc} epoch {epoch}",
+                        enabled=cfg.progress and world.is_main)
+        for step, batch in enumerate(bar):
+            if step >= steps_per_epoch:
+                break
+            batch = _to_device(batch, cfg.device)
+            loss = loss_fn(step_model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            seen += int(next(iter(batch.values())).shape[0])
+        elapsed = time.perf_counter() - t0
+        val = validate()
+        rec = {
+            "epoch": epoch,
+            "train_loss": all_mean(world, float(np.mean(losses)) if losses else float("nan")),
+            "train_seconds": elapsed,
+            "train_samples_per_s": all_mean(world, seen / max(elapsed, 1e-9)) * world.size,
+            **val,
+        }
+        history.append(rec)
+        if world.is_main and cfg.progress:
+            shown = {k: round(v, 4) for k, v in rec.items() if isinstance(v, float)}
+            print(f"[{desc}] epoch {epoch}: {shown}", flush=True)
+        if val[monitor] > best_value:
+            best_value, best_epoch, bad = val[monitor], epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    return history, best_state, {"best_epoch": best_epoch, f"best_valid_{monitor}": best_value}
+
+
+def _dataset_info(ds) -> dict:
+    return {"name": ds.name, "fingerprint": ds.fingerprint}
+
+
+def pretrain(
+    ds, out_dir: str | os.PathLike | None, *, model_config=None, train_config: TrainConfig | None = None,
+    kind: str = "fgbert",
+) -> dict:
+    """Pre-train FG-BERT (``kind="fgbert"``) or the item-id-only BERT (``"bert"``).
+
+    Only each user's training interactions are seen. Validation: next-item NDCG@10 (full
+    ranking) of each user's first validation item; the best epoch is kept and evaluated on the
+    first test item. Writes a checkpoint, ``metrics.json`` and ``curves.png`` to ``out_dir``.
+    """
+    from srp4ctr.data.samples import NextItemDataset, PretrainDataset
+    from srp4ctr.models import FGBERT, ModelConfig, ModelSpec
+
+    if kind not in PRETRAIN_KINDS:
+        raise InputError(f"unknown pre-training kind {kind!r}; expected one of {PRETRAIN_KINDS}")
+    cfg = train_config or TrainConfig()
+    mcfg = model_config or ModelConfig()
+    if kind == "bert":
+        mcfg = type(mcfg).from_dict({**mcfg.to_dict(), "item_only": True})
+    _set_threads(cfg)
+    world = init_world(cfg.device)
+    gen = seed_everything(cfg.seed + 1000 * world.rank)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    spec = ModelSpec.from_dataset(ds)
+    model = FGBERT(spec, mcfg).to(cfg.device)
+    train_set = PretrainDataset(ds, max_len=mcfg.max_len)
+    valid_set = NextItemDataset(ds, split="valid", max_len=mcfg.max_len)
+    test_set = NextItemDataset(ds, split="test", max_len=mcfg.max_len)
+    step_model = _wrap(model, "pretrain_loss", world, cfg.device)
+
+    def loss_fn(m, batch):
+        out = m(batch, generator=gen)
+        return out[0] if isinstance(out, tuple) else out
+
+    def validate():
+        return next_item_metrics(model, valid_set, seed=cfg.seed, device=cfg.device, world=world,
+                                 batch_size=cfg.eval_batch_size)
+
+    t0 = time.perf_counter()
+    history, _, best = _train_epochs(
+        model=model, step_model=step_model, dataset=train_set, cfg=cfg, world=world,
+        loss_fn=loss_fn, validate=validate, monitor="ndcg@10", lengths=None, desc=kind,
+    )
+    test = next_item_metrics(model, test_set, seed=cfg.seed, device=cfg.device, world=world,
+                             batch_size=cfg.eval_batch_size)
+    valid = next_item_metrics(model, valid_set, seed=cfg.seed, device=cfg.device, world=world,
+                              batch_size=cfg.eval_batch_size)
+    result = {
+        "kind": kind,
+        "dataset": _dataset_info(ds),
+        "valid": valid,
+        "test": test,
+        "history": history,
+        "train_seconds": time.perf_counter() - t0,
+        "sequences_per_s": float(np.median([h["train_samples_per_s"] for h in history])),
+        **best,
+    }
+    if out_dir is not None and world.is_main:
+        _save_run(out_dir, model, kind, spec, mcfg, cfg, ds, result, ("ndcg@10", "hr@10"))
+    return result
+
+
+def _save_run(out_dir, model, kind, spec, mcfg, cfg, ds, result, curve_keys) -> None:
+    out = Path(out_dir)
+    save_checkpoint(out, model, {
+        "kind": kind,
+        "model_config": mcfg.to_dict(),
+        "spec": spec.to_dict(),
+        "train_config": cfg.to_dict(),
+        "dataset": _dataset_info(ds),
+        "metrics": {k: result[k] for k in ("valid", "test") if k in result},
+    })
+    _write_json(out / "metrics.json", result)
+    plot_curves(result["history"], out / "curves.png", f"{kind} on {ds.name}", curve_keys)
+
+
+def load_model(path: str | os.PathLike, *, dataset_fingerprint: str | None = None,
+               device: str = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a model from a checkpoint directory; returns ``(model, config)``."""
+    from srp4ctr.models import FGBERT, ModelConfig, ModelSpec, build_model
+
+    ck = load_checkpoint(path, expect_kind=PRETRAIN_KINDS + CTR_KINDS,
+                         dataset_fingerprint=dataset_fingerprint)
+    spec = ModelSpec.from_dict(ck.config["spec"])
+    mcfg = ModelConfig.from_dict(ck.config["model_config"])
+    kind = ck.config["kind"]
+    if kind in PRETRAIN_KINDS:
+        model = FGBERT(spec, mcfg)
+    else:
+        encoder = FGBERT(spec, mcfg) if kind in ("srp4ctr", "user_vector") else None
+        model = build_model(kind, spec, mcfg, encoder=encoder)
+    missing, unexpected = model.load_state_dict(ck.state, strict=False)
+    if missing or unexpected:
+        from srp4ctr.errors import CheckpointError
+
+        raise CheckpointError(
+            f"{path}: weights do not fit the model (missing {list(missing)[:5]}, "
+            f"unexpected {list(unexpected)[:5]})"
+        )
+    model.to(device).eval()
+    return model, ck.config
+
+
+def finetune(
+    ds, out_dir: str | os.PathLike | None, *, kind: str = "srp4ctr", model_config=None,
+    train_config: TrainConfig | None = None, pretrained: str | os.PathLike | None = None,
+    name: str | None = None,
+) -> dict:
+    """Train a CTR model (``srp4ctr``, ``din``, ``bst``, ``user_vector``) with BCE.
+
+    ``pretrained`` is a pre-training checkpoint whose encoder (embeddings and Transformer) the
+    SRP4CTR / user-vector models start from; without it they start from random weights.
+    Validation AUC after each epoch drives early stopping; the best epoch is evaluated on test.
+    """
+    from srp4ctr.data.samples import CTRDataset
+    from srp4ctr.models import FGBERT, ModelConfig, ModelSpec, build_model
+
+    if kind not in CTR_KINDS:
+        raise InputError(f"unknown CTR model kind {kind!r}; expected one of {CTR_KINDS}")
+    cfg = train_config or TrainConfig()
+    mcfg = model_config or ModelConfig()
+    _set_threads(cfg)
+    world = init_world(cfg.device)
+    seed_everything(cfg.seed + 1000 * world.rank)
+    torch.manual_seed(cfg.seed)
+    spec = ModelSpec.from_dataset(ds)
+    encoder = None
+    pre_info = None
+    if kind in ("srp4ctr", "user_vector"):
+        encoder = FGBERT(spec, mcfg)
+        if pretrained is not None:
+            pre, pre_cfg = load_model(pretrained, dataset_fingerprint=ds.fingerprint)
+            missing, unexpected = encoder.load_state_dict(pre.state_dict(), strict=False)
+            pre_info = {"path": str(pretrained), "kind": pre_cfg["kind"],
+                        "fingerprint": pre_cfg["weights_sha256"],
+                        "not_pretrained": sorted(missing)}
+    model = build_model(kind, spec, mcfg, encoder=encoder).to(cfg.device)
+    train_set = CTRDataset(ds, "train", max_len=mcfg.max_len, negatives=cfg.negatives, seed=cfg.seed)
+    valid_set = CTRDataset(ds, "valid", max_len=mcfg.max_len, negatives=cfg.negatives, seed=cfg.seed)
+    test_set = CTRDataset(ds, "test", max_len=mcfg.max_len, negatives=cfg.negatives, seed=cfg.seed)
+    step_model = _wrap(model, "forward", world, cfg.device)
+    bce = nn.BCEWithLogitsLoss()
+
+    def loss_fn(m, batch):
+        return bce(m(batch), batch["label"])
+
+    def validate():
+        pred = predict_ctr(model, valid_set, batch_size=cfg.eval_batch_size, device=cfg.device,
+                           world=world)
+        return ctr_metrics(pred)
+
+    lengths = getattr(train_set, "hist_lengths", None)
+    lengths = lengths() if callable(lengths) else lengths
+    t0 = time.perf_counter()
+    history, _, best = _train_epochs(
+        model=model, step_model=step_model, dataset=train_set, cfg=cfg, world=world,
+        loss_fn=loss_fn, validate=validate, monitor="auc", lengths=lengths, desc=name or kind,
+    )
+    valid = ctr_metrics(predict_ctr(model, valid_set, batch_size=cfg.eval_batch_size,
+                                    device=cfg.device, world=world))
+    test = ctr_metrics(predict_ctr(model, test_set, batch_size=cfg.eval_batch_size,
+                                   device=cfg.device, world=world))
+    result = {
+        "kind": kind,
+        "name": name or kind,
+        "dataset": _dataset_info(ds),
+        "pretrained": pre_info,
+        "valid": valid,
+        "test": test,
+        "history": history,
+        "train_seconds": time.perf_counter() - t0,
+        "samples_per_s": float(np.median([h["train_samples_per_s"] for h in history])),
+        **best,
+    }
+    if out_dir is not None and world.is_main:
+        _save_run(out_dir, model, kind, spec, mcfg, cfg, ds, result, ("auc", "logloss"))
+    return result
+
+
+def evaluate(path: str | os.PathLike, ds, *, split: str = "test", batch_size: int = 1024,
+             device: str = "cpu") -> dict:
+    """Metrics of a saved checkpoint on ``split`` (CTR metrics or next-item metrics)."""
+    from srp4ctr.data.samples import CTRDataset, NextItemDataset
+
+    model, cfg = load_model(path, dataset_fingerprint=ds.fingerprint, device=device)
+    tc = TrainConfig.from_dict(cfg.get("train_config", {}))
+    max_len = cfg["model_config"].get("max_len", 200)
+    if cfg["kind"] in PRETRAIN_KINDS:
+        res = next_item_metrics(model, NextItemDataset(ds, split=split, max_len=max_len),
+                                seed=tc.seed, device=device, batch_size=batch_size)
+    else:
+        data = CTRDataset(ds, split, max_len=max_len, negatives=tc.negatives, seed=tc.seed)
+        res = ctr_metrics(predict_ctr(model, data, batch_size=batch_size, device=device))
+    return {"kind": cfg["kind"], "split": split, "checkpoint": str(path), **res}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The project's test run: the whole suite on the installed package, then the Triton kernel tests
+# again under the Triton CPU interpreter (TRITON_INTERPRET must be set before triton is imported,
+# hence a second process).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pytest -q "$@"
+if python -c "import triton" 2>/dev/null; then
+  TRITON_INTERPRET=1 python -m pytest -q -m interpreter "$@"
+else
+  echo "triton is not installed: the interpreter run of the kernel tests cannot run" >&2
+  exit 1
+fi
