@@ -14,6 +14,7 @@ package never imports triton nor touches a GPU.
 from ._backend import Backend, BackendUnavailableError, get_backend, set_backend, triton_available
 from ._params import TowerLayerParams
 from .candidate_attention import candidate_attention
+from .candidate_tower import candidate_tower, candidate_tower_layer
 from .query_pool import query_pool
 
 __all__ = [
@@ -25,4 +26,6 @@ __all__ = [
     "TowerLayerParams",
     "candidate_attention",
     "query_pool",
+    "candidate_tower_layer",
+    "candidate_tower",
 ]
