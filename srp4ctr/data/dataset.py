@@ -1,0 +1,432 @@
+"""The prepared dataset: flat, user-grouped, time-ordered interaction arrays plus side tables.
+
+See the package docstring of :mod:`srp4ctr.data` for the data contract.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from srp4ctr.errors import DataError, InputError
+from srp4ctr.data import features as F
+
+#: bump when the on-disk layout or any token rule changes; older caches are rebuilt
+FORMAT_VERSION = 1
+
+SPLIT_NAMES = ("train", "valid", "test")
+SPLIT_RULE = (
+    "per user, time order: positions p < floor(0.8 n) train, p < floor(0.9 n) valid, else test"
+)
+
+ARRAYS_FILE = "arrays.npz"
+META_FILE = "meta.json"
+
+
+def _compact(a: np.ndarray) -> np.ndarray:
+    """Smallest unsigned dtype for non-negative int arrays (storage only)."""
+    if a.dtype.kind not in "iu" or a.size == 0:
+        return a
+    lo, hi = int(a.min()), int(a.max())
+    if lo < 0:
+        return a
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if hi <= np.iinfo(dt).max:
+            return a.astype(dt)
+    return a
+
+
+def split_index(split: str | int) -> int:
+    """"train"/"valid"/"test" (or 0/1/2; "validation" too) -> 0/1/2."""
+    if isinstance(split, (int, np.integer)) and not isinstance(split, bool):
+        if int(split) in (0, 1, 2):
+            return int(split)
+    elif isinstance(split, str):
+        s = split.lower()
+        if s == "validation":
+            s = "valid"
+        if s in SPLIT_NAMES:
+            return SPLIT_NAMES.index(s)
+    raise InputError(f"split must be one of {SPLIT_NAMES} (or 0, 1, 2), got {split!r}")
+
+
+class PreparedDataset:
+    """A prepared dataset (see :mod:`srp4ctr.data` for the contract of every attribute).
+
+    Built by :func:`srp4ctr.data.prepare`, loaded by :func:`srp4ctr.data.load_prepared`.
+    ``path`` is its cache folder (None if never saved), ``from_cache`` tells whether this object
+    was loaded from an existing cache rather than built.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        user: np.ndarray,
+        item: np.ndarray,
+        timestamp: np.ndarray,
+        label: np.ndarray,
+        split: np.ndarray,
+        user_offsets: np.ndarray,
+        behaviour: dict[str, np.ndarray],
+        item_table: dict[str, np.ndarray],
+        user_table: dict[str, np.ndarray],
+        item_raw: np.ndarray,
+        user_raw: np.ndarray,
+        meta: dict[str, Any],
+        max_len: int = 200,
+    ):
+        self.name = name
+        self.user = np.ascontiguousarray(user, dtype=np.int32)
+        self.item = np.ascontiguousarray(item, dtype=np.int32)
+        self.timestamp = np.ascontiguousarray(timestamp, dtype=np.int64)
+        self.label = np.ascontiguousarray(label, dtype=np.int8)
+        self.split = np.ascontiguousarray(split, dtype=np.int8)
+        self.user_offsets = np.ascontiguousarray(user_offsets, dtype=np.int64)
+        self.behaviour = {k: np.ascontiguousarray(v, dtype=np.int64) for k, v in behaviour.items()}
+        self.item_table = {k: np.ascontiguousarray(v, dtype=np.int64) for k, v in item_table.items()}
+        self.user_table = {k: np.ascontiguousarray(v, dtype=np.int64) for k, v in user_table.items()}
+        self.item_raw = item_raw
+        self.user_raw = user_raw
+        self.meta = meta
+        self.n_users = int(meta["n_users"])
+        self.n_items = int(meta["n_items"])
+        self.item_fields: list[str] = list(meta["item_fields"])
+        self.behaviour_fields: list[str] = list(meta["behaviour_fields"])
+        self.multi_fields: list[str] = list(meta["multi_fields"])
+        self.user_fields: list[str] = list(meta["user_fields"])
+        self.vocab: dict[str, int] = {k: int(v) for k, v in meta["vocab"].items()}
+        self.kind: str | None = meta.get("behaviour_kind")
+        self.value_vocab: list[Any] | None = meta.get("behaviour_values")
+        self.fingerprint: str = meta.get("fingerprint", "")
+        self.max_len = int(max_len)
+        self.path: Path | None = None
+        self.from_cache = False
+
+    # ----------------------------------------------------------------------------- basics
+    @property
+    def n_interactions(self) -> int:
+        return int(self.item.shape[0])
+
+    @property
+    def oov_item(self) -> int:
+        """The out-of-vocabulary item id used at serving time (``n_items + 1``)."""
+        return self.n_items + 1
+
+    def __len__(self) -> int:
+        return self.n_interactions
+
+    def __repr__(self) -> str:
+        return (
+            f"PreparedDataset({self.name!r}, n_users={self.n_users}, n_items={self.n_items}, "
+            f"n_interactions={self.n_interactions})"
+        )
+
+    def user_rows(self, u: int) -> slice:
+        """Rows of internal user ``u`` (1-based) in the flat arrays."""
+        if not 1 <= int(u) <= self.n_users:
+            raise InputError(f"user id {u} out of range 1..{self.n_users}")
+        return slice(int(self.user_offsets[u - 1]), int(self.user_offsets[u]))
+
+    def seq_lengths(self) -> np.ndarray:
+        """Interactions per user, int64[n_users] (user u at index u - 1)."""
+        return np.diff(self.user_offsets)
+
+    def split_ends(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per user (index u - 1): first row of the validation part and of the test part."""
+        n = self.seq_lengths()
+        tr, va = F.split_rule_positions(n)
+        start = self.user_offsets[:-1]
+        return start + tr, start + va
+
+    def split_counts(self) -> dict[str, int]:
+        c = np.bincount(self.split, minlength=3)
+        return {name: int(c[i]) for i, name in enumerate(SPLIT_NAMES)}
+
+    def summary(self) -> dict[str, Any]:
+        """Statistics of the dataset as a JSON-able dict."""
+        n = self.seq_lengths()
+        splits = self.split_counts()
+        pos = {}
+        for i, name in enumerate(SPLIT_NAMES):
+            m = self.split == i
+            pos[name] = round(float(self.label[m].mean()), 6) if m.any() else None
+        return {
+            "dataset": self.name,
+            "n_users": self.n_users,
+            "n_items": self.n_items,
+            "n_interactions": self.n_interactions,
+            "positive_rate": round(float(self.label.mean()), 6) if self.n_interactions else None,
+            "seq_len": {
+                "min": int(n.min()),
+                "median": float(np.median(n)),
+                "mean": round(float(n.mean()), 4),
+                "max": int(n.max()),
+            },
+            "splits": splits,
+            "split_positive_rate": pos,
+            "item_fields": self.item_fields,
+            "behaviour_fields": self.behaviour_fields,
+            "multi_fields": self.multi_fields,
+            "user_fields": self.user_fields,
+            "vocab": dict(self.vocab),
+            "label_rule": self.meta.get("label_rule"),
+            "split_rule": self.meta.get("split_rule"),
+            "fingerprint": self.fingerprint,
+            "cache_path": str(self.path) if self.path is not None else None,
+            "from_cache": bool(self.from_cache),
+        }
+
+    # ----------------------------------------------------------------------------- serving
+    def behaviour_features(self, timestamps: Any, values: Any = None) -> dict[str, np.ndarray]:
+        """:func:`srp4ctr.data.features.behaviour_features` with this dataset's value field.
+
+        ``timestamps`` / ``values``: one user's interactions in time order; values are raw
+        ratings (MovieLens) or behaviour types (``"pv"``...), as in the source data.
+        """
+        return F.behaviour_features(
+            timestamps,
+            values if self.kind is not None else None,
+            kind=self.kind,
+            vocab=self.value_vocab,
+        )
+
+    def _raw_is_int(self) -> bool:
+        return self.item_raw.dtype.kind in "iu"
+
+    def encode_items(self, raw_ids: Any, strict: bool = False) -> np.ndarray:
+        """Raw item ids -> internal ids (int64, same shape).
+
+        Unknown ids map to ``n_items + 1`` (the OOV id), or raise :class:`InputError` when
+        ``strict``. Negative or non-integer ids always raise :class:`InputError` (for datasets
+        whose raw item ids are strings, ids are compared as strings).
+        """
+        arr = np.asarray(raw_ids)
+        shape = arr.shape
+        flat = arr.reshape(-1)
+        known = self.item_raw[1:]
+        if self._raw_is_int():
+            if flat.size == 0:
+                return np.zeros(shape, dtype=np.int64)
+            if flat.dtype.kind == "b" or flat.dtype.kind not in "iuf":
+                raise InputError(f"item ids must be integers, got dtype {arr.dtype}")
+            if flat.dtype.kind == "f":
+                if not np.all(np.isfinite(flat)) or np.any(flat != np.floor(flat)):
+                    raise InputError("item ids must be integers (got non-integer values)")
+                if np.any(np.abs(flat) > 2**62):
+                    raise InputError("item ids out of the int64 range")
+            if np.any(flat < 0):
+                raise InputError(f"item ids must be non-negative, got {flat[flat < 0][:5].tolist()}")
+            keys = flat.astype(np.int64)
+        else:
+            if flat.dtype.kind == "f" and flat.size and np.any(np.isnan(flat)):
+                raise InputError("item ids contain NaN")
+            keys = flat.astype(str)
+            if flat.size == 0:
+                return np.zeros(shape, dtype=np.int64)
+        idx = np.searchsorted(known, keys)
+        idx_c = np.minimum(idx, max(len(known) - 1, 0))
+        found = (idx < len(known)) & (known[idx_c] == keys)
+        if strict and not found.all():
+            raise InputError(f"unknown item id(s) {keys[~found][:5].tolist()}")
+        out = np.where(found, idx_c + 1, self.oov_item).astype(np.int64)
+        return out.reshape(shape)
+
+    def encode_users(self, raw_ids: Any) -> np.ndarray:
+        """Raw user ids -> internal ids 1..n_users, 0 for unknown users (int64)."""
+        arr = np.asarray(raw_ids)
+        flat = arr.reshape(-1)
+        known = self.user_raw[1:]
+        if flat.size == 0:
+            return np.zeros(arr.shape, dtype=np.int64)
+        if self.user_raw.dtype.kind in "iu":
+            if flat.dtype.kind not in "iuf" or flat.dtype.kind == "b":
+                raise InputError(f"user ids must be integers, got dtype {arr.dtype}")
+            keys = flat.astype(np.int64)
+        else:
+            keys = flat.astype(str)
+        idx = np.searchsorted(known, keys)
+        idx_c = np.minimum(idx, max(len(known) - 1, 0))
+        found = (idx < len(known)) & (known[idx_c] == keys)
+        return np.where(found, idx_c + 1, 0).astype(np.int64).reshape(arr.shape)
+
+    def item_features(self, item_ids: Any) -> dict[str, np.ndarray]:
+        """Item fields of internal item ids: ``{"item": ids, <field>: item_table[field][ids]}``."""
+        ids = np.asarray(item_ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() > self.n_items + 1):
+            raise InputError(f"internal item ids must lie in 0..{self.n_items + 1}")
+        out = {"item": ids}
+        for f, t in self.item_table.items():
+            out[f] = t[ids]
+        return out
+
+    def encode_user_history(
+        self, history: Mapping[str, Any], max_len: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """A raw user history -> the model's input arrays, exactly as in training.
+
+        ``history`` holds equal-length sequences ``"item_id"`` and ``"timestamp"`` (unix
+        seconds) and, if this dataset has a value field, ``"rating"`` or ``"behavior"``
+        (``self.kind``); optionally ``"user_id"`` (a raw user id). Interactions are ordered by
+        (timestamp, raw item id) (stable), behaviour fields computed over the whole history,
+        and the last ``max_len`` (default ``self.max_len``) kept.
+
+        Returns ``hist_item`` (unknown items -> ``n_items + 1``), ``hist_<f>`` for each
+        behaviour field (int64 [n]), ``hist_len`` (int64 scalar array) and, with ``user_id``,
+        ``user`` (0 if unknown) and ``user_<f>`` for each user field.
+        """
+        if not isinstance(history, Mapping):
+            raise InputError("history must be a mapping with 'item_id' and 'timestamp'")
+        for key in ("item_id", "timestamp"):
+            if key not in history:
+                raise InputError(f"history lacks {key!r}")
+        max_len = self.max_len if max_len is None else int(max_len)
+        if max_len < 1:
+            raise InputError("max_len must be >= 1")
+        items = np.asarray(history["item_id"]).reshape(-1)
+        ts = F._as_int_timestamps(history["timestamp"])
+        if items.shape[0] != ts.shape[0]:
+            raise InputError(f"{items.shape[0]} item ids but {ts.shape[0]} timestamps")
+        values = None
+        if self.kind is not None:
+            key = self.kind
+            alt = {"behavior": "behaviour", "behaviour": "behavior"}.get(key)
+            if key in history:
+                values = history[key]
+            elif alt is not None and alt in history:
+                values = history[alt]
+            else:
+                raise InputError(f"history lacks {self.kind!r} (this dataset's behaviour value)")
+            values = np.asarray(values).reshape(-1)
+            if values.shape[0] != ts.shape[0]:
+                raise InputError(f"{ts.shape[0]} timestamps but {values.shape[0]} {key} values")
+        ids = self.encode_items(items, strict=False)
+        if self._raw_is_int():
+            rawkey = items.astype(np.int64) if items.size else np.zeros(0, np.int64)
+        else:
+            rawkey = np.unique(items.astype(str), return_inverse=True)[1].reshape(-1)
+        order = np.lexsort((rawkey, ts))
+        ts = ts[order]
+        ids = ids[order]
+        if values is not None:
+            values = values[order]
+        beh = self.behaviour_features(ts, values)
+        keep = slice(max(0, ts.shape[0] - max_len), ts.shape[0])
+        out: dict[str, np.ndarray] = {"hist_item": ids[keep]}
+        for f in self.behaviour_fields:
+            out[f"hist_{f}"] = beh[f][keep]
+        out["hist_len"] = np.asarray(out["hist_item"].shape[0], dtype=np.int64)
+        if "user_id" in history:
+            u = int(self.encode_users(np.asarray([history["user_id"]]))[0])
+            out["user"] = np.asarray(u, dtype=np.int64)
+            for f, t in self.user_table.items():
+                out[f"user_{f}"] = np.asarray(t[u], dtype=np.int64)
+        return out
+
+    # ----------------------------------------------------------------------------- storage
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array, under its storage key, in canonical dtypes (the fingerprint's input)."""
+        out: dict[str, np.ndarray] = {
+            "user": self.user,
+            "item": self.item,
+            "timestamp": self.timestamp,
+            "label": self.label,
+            "split": self.split,
+            "user_offsets": self.user_offsets,
+            "item_raw": self.item_raw,
+            "user_raw": self.user_raw,
+        }
+        for f in sorted(self.behaviour):
+            out[f"behaviour__{f}"] = self.behaviour[f]
+        for f in sorted(self.item_table):
+            out[f"item_table__{f}"] = self.item_table[f]
+        for f in sorted(self.user_table):
+            out[f"user_table__{f}"] = self.user_table[f]
+        return out
+
+    def compute_fingerprint(self) -> str:
+        """sha256 of every array (key, dtype, shape, bytes) and the preparation config."""
+        h = hashlib.sha256()
+        for k, a in self.arrays().items():
+            a = np.ascontiguousarray(a)
+            h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
+            h.update(memoryview(a).cast("B") if a.size else b"")
+        h.update(json.dumps(self.meta.get("config", {}), sort_keys=True).encode())
+        return h.hexdigest()
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write ``arrays.npz`` and ``meta.json`` into ``directory`` (which must exist)."""
+        d = Path(directory)
+        arrays = {k: _compact(a) for k, a in self.arrays().items()}
+        with open(d / ARRAYS_FILE, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        meta = dict(self.meta)
+        meta["fingerprint"] = self.fingerprint
+        with open(d / META_FILE, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1, sort_keys=False)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def load_prepared(
+    directory: str | os.PathLike, *, verify: bool = True, max_len: int | None = None
+) -> PreparedDataset:
+    """Load a prepared dataset folder (``arrays.npz`` + ``meta.json``).
+
+    Raises :class:`DataError` if the folder is missing, truncated, from another format version,
+    or (with ``verify``) its arrays do not match the stored fingerprint.
+    """
+    d = Path(directory)
+    mpath, apath = d / META_FILE, d / ARRAYS_FILE
+    if not mpath.is_file() or not apath.is_file():
+        raise DataError("not a prepared dataset (arrays.npz / meta.json missing)", path=str(d))
+    try:
+        meta = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"unreadable meta.json: {e}", path=str(mpath)) from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"prepared with format version {meta.get('format_version') if isinstance(meta, dict) else '?'}"
+            f", this srp4ctr reads {FORMAT_VERSION}; prepare it again",
+            path=str(d),
+        )
+    try:
+        with np.load(apath, allow_pickle=False) as z:
+            arr = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"unreadable arrays.npz: {e}", path=str(apath)) from None
+
+    def pick(prefix: str) -> dict[str, np.ndarray]:
+        return {k[len(prefix) :]: v for k, v in arr.items() if k.startswith(prefix)}
+
+    try:
+        ds = PreparedDataset(
+            name=meta["name"],
+            user=arr["user"],
+            item=arr["item"],
+            timestamp=arr["timestamp"],
+            label=arr["label"],
+            split=arr["split"],
+            user_offsets=arr["user_offsets"],
+            behaviour=pick("behaviour__"),
+            item_table=pick("item_table__"),
+            user_table=pick("user_table__"),
+            item_raw=arr["item_raw"],
+            user_raw=arr["user_raw"],
+            meta=meta,
+            max_len=meta.get("max_len", 200) if max_len is None else max_len,
+        )
+    except KeyError as e:
+        raise DataError(f"prepared dataset lacks {e}", path=str(d)) from None
+    if verify and ds.compute_fingerprint() != meta.get("fingerprint"):
+        raise DataError("arrays do not match the stored fingerprint (corrupted cache)", path=str(d))
+    ds.path = d
+    return ds
