@@ -115,6 +115,11 @@ class PreparedDataset:
         return int(self.item.shape[0])
 
     @property
+    def cache_dir(self) -> Path | None:
+        """The cache folder this dataset lives in (same as ``path``)."""
+        return self.path
+
+    @property
     def oov_item(self) -> int:
         """The out-of-vocabulary item id used at serving time (``n_items + 1``)."""
         return self.n_items + 1

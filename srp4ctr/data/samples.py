@@ -161,6 +161,15 @@ class _WindowSamples(torch.utils.data.Dataset):
                     out[f"{pre}_{f}"] = t[int(v[i])]
         return out
 
+    def hist_lengths(self) -> np.ndarray:
+        """History length of every sample (int64 [len(self)])."""
+        return self.end - self.start
+
+    @staticmethod
+    def collate(samples: Sequence[dict[str, Any]], pad_to: int | None = None) -> dict[str, torch.Tensor]:
+        """:func:`collate` (also reachable from the dataset object)."""
+        return collate(samples, pad_to=pad_to)
+
     # --------------------------------------------------------------------- fast batches
     def batch(self, index: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """The batch of samples ``index``, built with vectorised gathers (same as collate)."""
@@ -195,6 +204,8 @@ class _WindowSamples(torch.utils.data.Dataset):
                 for f, t in ds.item_table.items():
                     out[f"{pre}_{f}"] = torch.from_numpy(t[a.astype(np.int64)])
         return out
+
+    get_batch = batch
 
     def batches(
         self,
