@@ -1,7 +1,7 @@
 """Readers of the supported raw formats into one intermediate form, :class:`RawData`.
 
 Every reader returns raw ids, unix-second timestamps, the behaviour value (rating or behaviour
-type), the label, and the side tables; :mod:`srp4ctr.data.prepare` turns that into a
+type), the label, and the side tables; :mod:`srp4ctr.data.pipeline` turns that into a
 :class:`~srp4ctr.data.dataset.PreparedDataset`.
 """
 
