@@ -144,11 +144,13 @@ def ml100k_data_dir(tmp_path, ml100k_wheel, monkeypatch) -> Path:
 
 @pytest.fixture(scope="module")
 def small_ml1m(tmp_path_factory):
-    """A prepared random ml-1m-format dataset (with users.dat)."""
+    """A prepared random ml-1m-format dataset (with users.dat); users 2 and 4 have one and two
+    interactions, so their training part is empty."""
     from srp4ctr import data
 
     root = tmp_path_factory.mktemp("small_ml1m")
     ratings = random_ratings(n_users=30, n_items=50, per_user=(1, 40), seed=1)
+    ratings += [(2, 15, 4.0, 978_300_000), (4, 25, 2.0, 978_300_000), (4, 15, 5.0, 978_400_000)]
     users = sorted({r[0] for r in ratings})
     write_ml_dat(
         root / "ml-1m",
