@@ -230,8 +230,8 @@ class PreparedDataset:
                 raise InputError(f"item ids must be non-negative, got {flat[flat < 0][:5].tolist()}")
             keys = flat.astype(np.int64)
         else:
-            if flat.dtype.kind == "f" and flat.size and np.any(np.isnan(flat)):
-                raise InputError("item ids contain NaN")
+            if flat.dtype.kind in "iuf" and flat.size and not np.all(flat >= 0):
+                raise InputError("item ids must be non-negative (and not NaN)")
             keys = flat.astype(str)
             if flat.size == 0:
                 return np.zeros(shape, dtype=np.int64)

@@ -298,11 +298,12 @@ def _int_compact(a: np.ndarray) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def load_taobao(path: Path, chunksize: int = 2_000_000, progress: bool = False) -> RawData:
+def load_taobao(path: Path, chunksize: int = 1_000_000, progress: bool = False) -> RawData:
     """Taobao UserBehavior: ``user,item,category,behavior,timestamp`` without header.
 
-    Read in chunks into compact integer arrays (int32 ids, int8 behaviour), never a frame of
-    the whole file, so memory stays near 21 bytes per row.
+    Read in chunks of ``chunksize`` rows into compact integer arrays (int32 ids, int8
+    behaviour), never a frame of the whole file: the reading phase holds about 21 bytes per row
+    plus one chunk.
     """
     fpath = _find_file(path, ["UserBehavior.csv"], "UserBehavior.csv") if path.is_dir() else path
     names = ["user", "item", "category", "behavior", "timestamp"]

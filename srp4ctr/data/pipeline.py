@@ -102,38 +102,53 @@ def _json_value(v: Any) -> Any:
     return v
 
 
-def build(raw: RawData, name: str, *, max_len: int = 200, source: dict | None = None) -> PreparedDataset:
-    """Turn :class:`RawData` into a :class:`PreparedDataset` (pure; writes nothing)."""
+def build(
+    raw: RawData,
+    name: str,
+    *,
+    max_len: int = 200,
+    source: dict | None = None,
+    consume: bool = False,
+) -> PreparedDataset:
+    """Turn :class:`RawData` into a :class:`PreparedDataset` (writes nothing). With
+    ``consume``, the raw arrays are released as soon as they are used (``raw`` is spent)."""
     n_rows = int(raw.user.shape[0])
     if n_rows == 0:
         raise DataError("no interactions (empty dataset)", path=raw.display or None)
     uniq_u, u_inv = np.unique(raw.user, return_inverse=True)
+    u_inv = u_inv.reshape(-1).astype(np.int32)
     uniq_i, i_inv = np.unique(raw.item, return_inverse=True)
-    u_inv = u_inv.reshape(-1)
-    i_inv = i_inv.reshape(-1)
+    i_inv = i_inv.reshape(-1).astype(np.int32)
+    if consume:  # free the raw ids early (large datasets)
+        raw.user = raw.item = None  # type: ignore[assignment]
     n_users, n_items = int(uniq_u.size), int(uniq_i.size)
     ts_raw = raw.timestamp.astype(np.int64, copy=False)
     # internal item ids follow raw-id order, so (user, timestamp, internal item) is the contract's
     # (user, timestamp, raw item id); lexsort is stable, so full ties keep file order
     order = np.lexsort((i_inv, ts_raw, u_inv))
-    user = (u_inv[order] + 1).astype(np.int32)
-    item = (i_inv[order] + 1).astype(np.int32)
+    user = u_inv[order]
+    user += 1
+    del u_inv
+    item = i_inv[order]
+    item += 1
     ts = ts_raw[order]
     label = raw.label[order].astype(np.int8)
     counts = np.bincount(user, minlength=n_users + 1)[1:].astype(np.int64)
     offsets = np.zeros(n_users + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    pos = np.arange(n_rows, dtype=np.int64) - offsets[user.astype(np.int64) - 1]
-    n_of_row = counts[user.astype(np.int64) - 1]
-    tr_end, va_end = F.split_rule_positions(n_of_row)
-    split = np.where(pos < tr_end, 0, np.where(pos < va_end, 1, 2)).astype(np.int8)
-    del pos, n_of_row, tr_end, va_end
+    # split by position within the user: runs of 0s, 1s, 2s per user (no per-row temporaries)
+    tr_end, va_end = F.split_rule_positions(counts)
+    runs = np.stack([tr_end, va_end - tr_end, counts - va_end], axis=1).reshape(-1)
+    split = np.repeat(np.tile(np.array([0, 1, 2], dtype=np.int8), n_users), runs)
+    del runs
 
     values = raw.values[order] if raw.values is not None else None
+    if consume:
+        raw.values = None
     behaviour = F.behaviour_features(
         ts, values, kind=raw.kind, vocab=raw.value_vocab, offsets=offsets, encoded=raw.values_encoded
     )
-    del values
+    del values, order
 
     item_table: dict[str, np.ndarray] = {}
     vocab: dict[str, int] = {"item": n_items + 2}
@@ -150,7 +165,7 @@ def build(raw: RawData, name: str, *, max_len: int = 200, source: dict | None = 
     for f, vals in raw.item_row_fields.items():
         t, labels = _row_field_table(vals, i_inv, ts_raw, n_items)
         item_table[f] = t
-        vocab[f] = len(labels)
+        vocab[f] = max(len(labels), 2)  # at least padding + one value, even if all missing
         field_values[f] = labels
     behaviour_fields = list(behaviour)
     if raw.kind is not None:
@@ -367,7 +382,7 @@ def prepare(
                 "columns": mapping,
                 "files": file_signature(raw.files),
             }
-        ds = build(raw, name, max_len=max_len, source=source)
+        ds = build(raw, name, max_len=max_len, source=source, consume=True)
         del raw
         ds.save(tmp)
         _publish(tmp, final)
