@@ -124,11 +124,16 @@ def dir_entries(d: Path) -> list[str]:
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
-def ml100k_wheel(request) -> Path:
-    """The recbole wheel, downloaded once and kept in pytest's cache between runs."""
+def ml100k_wheel(request, tmp_path_factory) -> Path:
+    """The recbole wheel, downloaded once and kept in pytest's cache between runs (once per
+    session when the cache plugin is off)."""
     from srp4ctr.data import download
 
-    cache = Path(request.config.cache.mkdir("srp4ctr_downloads"))
+    cache_plugin = getattr(request.config, "cache", None)
+    if cache_plugin is not None:
+        cache = Path(cache_plugin.mkdir("srp4ctr_downloads"))
+    else:
+        cache = tmp_path_factory.mktemp("srp4ctr_downloads")
     return download.fetch_wheel(cache, local=None)
 
 

@@ -160,8 +160,9 @@ def test_ml20m_csv(tmp_path):
     assert ds.meta["field_values"]["year"][ds.item_table["year"][i]] == "1965-1969"
     j = int(ds.encode_items([25])[0])  # odd too; raw 5 would be even
     assert j != i
-    ds25 = data.prepare("ml-25m", path=folder / "ratings.csv", data_dir=tmp_path / "c", progress=False)
-    assert np.array_equal(ds25.item, ds.item) and np.array_equal(ds25.timestamp, ds.timestamp)
+    for name in ("ml-25m", "ml-latest-small"):
+        other = data.prepare(name, path=folder / "ratings.csv", data_dir=tmp_path / "c", progress=False)
+        assert np.array_equal(other.item, ds.item) and np.array_equal(other.timestamp, ds.timestamp)
 
 
 def test_year_from_title():

@@ -8,7 +8,8 @@ max_len=200) -> PreparedDataset`` builds a dataset into the cache (``data_dir``,
 back. Datasets: ``ml-100k`` (fetched as the ``recbole==1.2.1`` wheel with ``pip download``,
 sha256-checked, kept in ``<data_dir>/downloads``; offline, point ``$SRP4CTR_ML100K_WHEEL`` or
 ``path=`` at the wheel), ``ml-1m`` / ``ml-10m`` (``ratings.dat``, ``movies.dat``, ml-1m also
-``users.dat``), ``ml-20m`` / ``ml-25m`` (``ratings.csv``, ``movies.csv``), ``taobao``
+``users.dat``), ``ml-20m`` / ``ml-25m`` / ``ml-latest`` / ``ml-latest-small`` (``ratings.csv``,
+``movies.csv``), ``taobao``
 (``UserBehavior.csv``, read in chunks), ``csv`` / ``parquet`` (a generic table with a column
 mapping ``columns``: ``user``, ``item``, ``timestamp`` required; ``rating``, ``label``,
 ``behavior`` optional; any other key maps an item side column that becomes an item field).
@@ -87,7 +88,20 @@ from srp4ctr.data.features import behaviour_features, encode_values
 from srp4ctr.data.loaders import KNOWN_DATASETS, parse_columns
 from srp4ctr.data.pipeline import build, default_data_dir, prepare
 
+_SAMPLES = ("PretrainDataset", "CTRDataset", "NextItemDataset", "collate")
+
+
+def __getattr__(name: str):
+    # the torch-facing samples import torch: only when asked for
+    if name in _SAMPLES:
+        from srp4ctr.data import samples
+
+        return getattr(samples, name)
+    raise AttributeError(f"module 'srp4ctr.data' has no attribute {name!r}")
+
+
 __all__ = [
+    *_SAMPLES,
     "PreparedDataset",
     "prepare",
     "load_prepared",

@@ -267,7 +267,7 @@ def load_movielens_dat(path: Path, name: str) -> RawData:
 
 
 def load_movielens_csv(path: Path, name: str) -> RawData:
-    """ml-20m / ml-25m / latest: ``ratings.csv`` and ``movies.csv`` with headers."""
+    """ml-20m / ml-25m / ml-latest(-small): ``ratings.csv`` and ``movies.csv`` with headers."""
     folder = _folder(path)
     rpath = _find_file(folder, ["ratings.csv"], "ratings file")
     mpath = _find_file(folder, ["movies.csv"], "movies file")
@@ -592,14 +592,15 @@ def load_generic(path: Path, fmt: str, columns: Any) -> RawData:
 # ----------------------------------------------------------------------------- registry
 PathLoader = Callable[..., RawData]
 
-PATH_DATASETS = ("ml-1m", "ml-10m", "ml-20m", "ml-25m", "taobao", "csv", "parquet")
+PATH_DATASETS = ("ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-latest", "ml-latest-small", "taobao",
+                 "csv", "parquet")
 KNOWN_DATASETS = ("ml-100k", *PATH_DATASETS)
 
 
 def load_path_dataset(name: str, path: Path, columns: Any, progress: bool) -> RawData:
     if name in ("ml-1m", "ml-10m"):
         raw = load_movielens_dat(path, name)
-    elif name in ("ml-20m", "ml-25m"):
+    elif name in ("ml-20m", "ml-25m", "ml-latest", "ml-latest-small"):
         raw = load_movielens_csv(path, name)
     elif name == "taobao":
         raw = load_taobao(path, progress=progress)
