@@ -9,10 +9,11 @@ back. Datasets: ``ml-100k`` (fetched as the ``recbole==1.2.1`` wheel with ``pip 
 sha256-checked, kept in ``<data_dir>/downloads``; offline, point ``$SRP4CTR_ML100K_WHEEL`` or
 ``path=`` at the wheel), ``ml-1m`` / ``ml-10m`` (``ratings.dat``, ``movies.dat``, ml-1m also
 ``users.dat``), ``ml-20m`` / ``ml-25m`` / ``ml-latest`` / ``ml-latest-small`` (``ratings.csv``,
-``movies.csv``), ``taobao``
-(``UserBehavior.csv``, read in chunks), ``csv`` / ``parquet`` (a generic table with a column
-mapping ``columns``: ``user``, ``item``, ``timestamp`` required; ``rating``, ``label``,
-``behavior`` optional; any other key maps an item side column that becomes an item field).
+``movies.csv``), ``taobao`` (``UserBehavior.csv``, read in chunks), ``csv`` / ``parquet`` (a
+generic table with a column mapping ``columns``: ``user``, ``item``, ``timestamp`` required --
+timestamps are unix seconds or ISO date-times; ``rating``, ``label``, ``behavior`` optional;
+any other key maps an item side column that becomes an item field). ``path`` is the file or its
+folder. Malformed files raise :class:`~srp4ctr.errors.DataError` naming the file and 1-based line.
 
 Data contract of :class:`PreparedDataset`
 -----------------------------------------
