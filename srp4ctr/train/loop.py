@@ -206,70 +206,45 @@ def ctr_metrics(pred: dict[str, np.ndarray]) -> dict[str, float]:
 
 @torch.no_grad()
 def next_item_metrics(
-    encoder: nn.Module, dataset, *, ks=(10,), n_negatives: int = 100, seed: int = 0,
-    batch_size: int = 512, device: str = "cpu", world: World | None = None,
+    encoder: nn.Module, dataset, *, ks=(10,), batch_size: int = 512, device: str = "cpu",
+    world: World | None = None,
 ) -> dict[str, float]:
-    """HR@k and NDCG@k for next-item prediction, full ranking and ``n_negatives`` sampled.
+    """HR@k and NDCG@k for next-item prediction, full ranking and sampled negatives.
 
-    Full ranking scores every item (padding and out-of-vocabulary ids excluded by the model).
-    Sampled: the target against ``n_negatives`` items drawn uniformly from those the user never
-    interacted with; the draw for sample ``i`` uses the generator ``(seed, i)``, so it is the same
-    for every model and any number of ranks. Ranks are pessimistic (ties count against the
-    target).
+    ``dataset`` is a :class:`~srp4ctr.data.samples.NextItemDataset` built with ``n_negatives``
+    (100 by convention): each target is ranked against those items, drawn uniformly (with
+    replacement) from the items its user never interacted with, with the dataset's seed — the
+    same draw for every model. Full ranking scores every item (padding and out-of-vocabulary
+    ids excluded by the model). Ranks are pessimistic: ties count against the target.
     """
     world = world or World()
     encoder.eval()
-    ds = dataset.ds
     idx = np.arange(len(dataset))
     mine = idx[world.rank :: world.size] if world.distributed else idx
     full_ranks, sampled_ranks = [], []
+    n_neg = None
     for s in range(0, len(mine), batch_size):
         b = mine[s : s + batch_size]
         batch = next(iterate_batches(dataset, b, len(b)))
         logits = encoder.next_item_logits(_to_device(batch, device)).float().cpu()
         target = batch["target_item"].long()
         full_ranks.append(np.asarray(metrics.rank_of_target(logits, target)))
-        negs = np.stack([
-            _sample_negatives(np.random.default_rng([seed, int(i)]), ds.n_items,
-                              user_items(ds, int(u)), n_negatives)
-            for i, u in zip(b, batch["user"].tolist())
-        ])
+        neg = batch["neg_item"].long()
+        n_neg = neg.shape[1]
         tgt = logits.gather(1, target[:, None])[:, 0]
-        neg = logits.gather(1, torch.from_numpy(negs))
-        sampled_ranks.append(np.asarray(metrics.sampled_rank(tgt, neg)))
+        sampled_ranks.append(np.asarray(metrics.sampled_rank(tgt, logits.gather(1, neg))))
     cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
-    parts = gather_objects(world, (cat(full_ranks), cat(sampled_ranks)))
+    parts = gather_objects(world, (cat(full_ranks), cat(sampled_ranks), n_neg))
     fr = np.concatenate([p[0] for p in parts])
     sr = np.concatenate([p[1] for p in parts])
+    n_neg = next((p[2] for p in parts if p[2] is not None), 0)
     out: dict[str, float] = {"n": int(len(fr))}
     for k in ks:
         out[f"hr@{k}"] = float(metrics.hit_rate_at_k(fr, k))
         out[f"ndcg@{k}"] = float(metrics.ndcg_at_k(fr, k))
-        out[f"hr@{k}_sampled{n_negatives}"] = float(metrics.hit_rate_at_k(sr, k))
-        out[f"ndcg@{k}_sampled{n_negatives}"] = float(metrics.ndcg_at_k(sr, k))
+        out[f"hr@{k}_sampled{n_neg}"] = float(metrics.hit_rate_at_k(sr, k))
+        out[f"ndcg@{k}_sampled{n_neg}"] = float(metrics.ndcg_at_k(sr, k))
     return out
-
-
-def user_items(ds, user: int) -> np.ndarray:
-    """Internal ids of every item the user interacted with (all splits)."""
-    return ds.item[ds.user_offsets[user - 1] : ds.user_offsets[user]]
-
-
-def _sample_negatives(rng: np.random.Generator, n_items: int, seen: np.ndarray, n: int) -> np.ndarray:
-    """``n`` distinct item ids in 1..n_items, none in ``seen`` (rejection sampling)."""
-    seen_set = {int(x) for x in np.asarray(seen).ravel() if 1 <= int(x) <= n_items}
-    if n_items - len(seen_set) < n:
-        raise InputError(f"only {n_items - len(seen_set)} unseen items to draw {n} negatives from")
-    out: list[int] = []
-    chosen: set[int] = set()
-    while len(out) < n:
-        for c in rng.integers(1, n_items + 1, size=2 * (n - len(out)) + 8).tolist():
-            if c not in seen_set and c not in chosen:
-                chosen.add(c)
-                out.append(c)
-                if len(out) == n:
-                    break
-    return np.asarray(out, dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,8 +347,10 @@ def pretrain(
     spec = ModelSpec.from_dataset(ds)
     model = FGBERT(spec, mcfg).to(cfg.device)
     train_set = PretrainDataset(ds, max_len=mcfg.max_len)
-    valid_set = NextItemDataset(ds, split="valid", max_len=mcfg.max_len)
-    test_set = NextItemDataset(ds, split="test", max_len=mcfg.max_len)
+    valid_set = NextItemDataset(ds, split="valid", max_len=mcfg.max_len, n_negatives=100,
+                                seed=cfg.seed)
+    test_set = NextItemDataset(ds, split="test", max_len=mcfg.max_len, n_negatives=100,
+                               seed=cfg.seed)
     step_model = _wrap(model, "pretrain_loss", world, cfg.device)
 
     def loss_fn(m, batch):
@@ -381,7 +358,7 @@ def pretrain(
         return out[0] if isinstance(out, tuple) else out
 
     def validate():
-        return next_item_metrics(model, valid_set, seed=cfg.seed, device=cfg.device, world=world,
+        return next_item_metrics(model, valid_set, device=cfg.device, world=world,
                                  batch_size=cfg.eval_batch_size)
 
     t0 = time.perf_counter()
@@ -389,9 +366,9 @@ def pretrain(
         model=model, step_model=step_model, dataset=train_set, cfg=cfg, world=world,
         loss_fn=loss_fn, validate=validate, monitor="ndcg@10", lengths=None, desc=kind,
     )
-    test = next_item_metrics(model, test_set, seed=cfg.seed, device=cfg.device, world=world,
+    test = next_item_metrics(model, test_set, device=cfg.device, world=world,
                              batch_size=cfg.eval_batch_size)
-    valid = next_item_metrics(model, valid_set, seed=cfg.seed, device=cfg.device, world=world,
+    valid = next_item_metrics(model, valid_set, device=cfg.device, world=world,
                               batch_size=cfg.eval_batch_size)
     result = {
         "kind": kind,
@@ -534,8 +511,8 @@ def evaluate(path: str | os.PathLike, ds, *, split: str = "test", batch_size: in
     tc = TrainConfig.from_dict(cfg.get("train_config", {}))
     max_len = cfg["model_config"].get("max_len", 200)
     if cfg["kind"] in PRETRAIN_KINDS:
-        res = next_item_metrics(model, NextItemDataset(ds, split=split, max_len=max_len),
-                                seed=tc.seed, device=device, batch_size=batch_size)
+        data = NextItemDataset(ds, split=split, max_len=max_len, n_negatives=100, seed=tc.seed)
+        res = next_item_metrics(model, data, device=device, batch_size=batch_size)
     else:
         data = CTRDataset(ds, split, max_len=max_len, negatives=tc.negatives, seed=tc.seed)
         res = ctr_metrics(predict_ctr(model, data, batch_size=batch_size, device=device))
