@@ -1,0 +1,182 @@
+"""CTR baselines with SRP4CTR's interface (``forward(batch) -> logits [B]``) and its field
+embeddings (:class:`~srp4ctr.models.layers.FieldEmbedding`: item fields of the history and the
+candidate, behaviour fields of the history, user fields).
+
+- :class:`DIN` (Zhou et al. 2018): target attention over the embedded history.
+- :class:`BST` (Chen et al. 2019): the candidate joins the history and a Transformer re-encodes the
+  whole sequence for every candidate.
+- :class:`UserVectorCTR`: a pre-trained FG-BERT user vector as an extra feature — the approach the
+  SRP4CTR paper argues against (not item-aware inside the encoder).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from srp4ctr.models.ctr import check_encoder
+from srp4ctr.models.fgbert import FGBERT
+from srp4ctr.models.layers import (
+    emb_init_std,
+    MLP,
+    FieldEmbedding,
+    TransformerLayer,
+    UserFeatureEmbedding,
+    masked_mean,
+    recency_positions,
+    valid_mask,
+)
+from srp4ctr.models.spec import ModelConfig, ModelSpec
+
+__all__ = ["DIN", "BST", "UserVectorCTR", "DIN_ATTENTION_HIDDEN"]
+
+DIN_ATTENTION_HIDDEN = (80, 40)
+
+
+class _CTRBase(nn.Module):
+    def __init__(self, spec: ModelSpec, config: ModelConfig):
+        super().__init__()
+        self.spec = spec
+        self.config = config
+        self.user_emb = UserFeatureEmbedding(spec, config) if spec.user_fields else None
+
+    @property
+    def user_dim(self) -> int:
+        return 0 if self.user_emb is None else self.user_emb.out_dim
+
+    def _with_user(self, parts: list[torch.Tensor], batch: Mapping[str, torch.Tensor]
+                   ) -> torch.Tensor:
+        if self.user_emb is not None:
+            parts = parts + [self.user_emb(batch)]
+        return torch.cat(parts, -1)
+
+
+class DIN(_CTRBase):
+    """Deep Interest Network.
+
+    History token h_t = Σ item-field + Σ behaviour-field embeddings; candidate c = Σ item-field
+    embeddings. Activation unit: ``w_t = MLP_att([h_t, c, h_t - c, h_t * c])`` (80-40, PReLU),
+    no softmax; padding gets weight 0; ``pooled = Σ_t w_t h_t``. Logit =
+    ``MLP([pooled, c, user fields])`` (head_hidden, PReLU).
+    """
+
+    kind = "din"
+
+    def __init__(self, spec: ModelSpec, config: ModelConfig):
+        super().__init__(spec, config)
+        d = config.d_model
+        self.embeddings = FieldEmbedding(spec, config)
+        self.att = MLP(4 * d, DIN_ATTENTION_HIDDEN, 1, act="prelu")
+        self.head = MLP(2 * d + self.user_dim, config.head_hidden, 1, act="prelu",
+                        dropout=config.dropout)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        hist = batch["hist_item"]
+        h = self.embeddings.item_embedding(hist)
+        beh = self.embeddings.behaviour_embedding(batch)
+        if beh is not None:
+            h = h + beh
+        c = self.embeddings.item_embedding(batch["cand_item"])
+        ce = c[:, None, :].expand_as(h)
+        w = self.att(torch.cat([h, ce, h - ce, h * ce], -1)).squeeze(-1)  # [B, L]
+        w = w * valid_mask(batch["hist_len"], hist.shape[1]).to(w.dtype)
+        pooled = torch.einsum("bl,bld->bd", w, h)
+        return self.head(self._with_user([pooled, c], batch)).squeeze(-1)
+
+
+class BST(_CTRBase):
+    """Behavior Sequence Transformer.
+
+    Sequence = [candidate token, history tokens]; candidate token = Σ item-field embeddings +
+    P[0]; history token = Σ item-field + Σ behaviour-field embeddings + P[recency + 1]. A pre-LN
+    Transformer (``config.n_layers`` layers) runs over it, once per candidate. Logit =
+    ``MLP([out_candidate, mean(out_history), c, user fields])`` (head_hidden, ReLU).
+    """
+
+    kind = "bst"
+
+    def __init__(self, spec: ModelSpec, config: ModelConfig):
+        super().__init__(spec, config)
+        d = config.d_model
+        self.embeddings = FieldEmbedding(spec, config)
+        self.position = nn.Embedding(config.max_len + 1, d)
+        nn.init.normal_(self.position.weight, std=emb_init_std(d))
+        self.emb_drop = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(
+            TransformerLayer(d, config.n_heads, config.ffn_mult, config.dropout)
+            for _ in range(config.n_layers)
+        )
+        self.final_ln = nn.LayerNorm(d, eps=1e-5)
+        self.head = MLP(3 * d + self.user_dim, config.head_hidden, 1, act="relu",
+                        dropout=config.dropout)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        hist = batch["hist_item"]
+        hist_len = batch["hist_len"]
+        B, L = hist.shape
+        h = self.embeddings.item_embedding(hist)
+        beh = self.embeddings.behaviour_embedding(batch)
+        if beh is not None:
+            h = h + beh
+        h = h + self.position(recency_positions(hist_len, L) + 1)
+        c = self.embeddings.item_embedding(batch["cand_item"])
+        x = torch.cat([(c + self.position.weight[0])[:, None], h], 1)
+        hist_valid = valid_mask(hist_len, L)
+        valid = torch.cat([hist_valid.new_ones(B, 1), hist_valid], 1)
+        x = self.emb_drop(x)
+        for layer in self.layers:
+            x, _, _ = layer(x, valid)
+        x = self.final_ln(x)
+        feats = [x[:, 0], masked_mean(x[:, 1:], hist_valid), c]
+        return self.head(self._with_user(feats, batch)).squeeze(-1)
+
+
+class UserVectorCTR(_CTRBase):
+    """"Pre-trained user vector as a feature": logit = ``MLP([u, c, user fields])`` with
+    u = FG-BERT's final hidden states pooled (``pooling="mean"`` over real positions, or
+    ``"last"``: the most recent behaviour; zeros for an empty history) and c = Σ item-field
+    embeddings from FG-BERT's tables. Frozen (embeddings included) when
+    ``config.freeze_encoder``. The candidate never enters the encoder.
+    """
+
+    kind = "user_vector"
+
+    def __init__(self, spec: ModelSpec, config: ModelConfig, encoder: FGBERT | None = None,
+                 pooling: str = "mean"):
+        super().__init__(spec, config)
+        if pooling not in ("mean", "last"):
+            raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+        self.pooling = pooling
+        if encoder is None:
+            encoder = FGBERT(spec, config)
+        check_encoder(encoder, config)
+        self.encoder = encoder
+        d = config.d_model
+        self.head = MLP(2 * d + self.user_dim, config.head_hidden, 1, act="relu",
+                        dropout=config.dropout)
+        if config.freeze_encoder:
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()
+
+    def train(self, mode: bool = True) -> "UserVectorCTR":
+        super().train(mode)
+        if self.config.freeze_encoder:
+            self.encoder.eval()
+        return self
+
+    def user_vector(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
+            hidden = self.encoder.encode(batch)
+        hist_len = batch["hist_len"]
+        if self.pooling == "mean":
+            return masked_mean(hidden, valid_mask(hist_len, hidden.shape[1]))
+        idx = (hist_len - 1).clamp(min=0)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+        return last * (hist_len > 0).to(last.dtype)[:, None]
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        u = self.user_vector(batch)
+        c = self.encoder.embeddings.item_embedding(batch["cand_item"])
+        return self.head(self._with_user([u, c], batch)).squeeze(-1)
