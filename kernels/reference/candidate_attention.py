@@ -9,6 +9,11 @@ from __future__ import annotations
 import torch
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (fp64 stays fp64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _bounds(offsets: torch.Tensor | None, n: int) -> list[int]:
     return [0, n] if offsets is None else [int(x) for x in offsets.tolist()]
 
@@ -41,7 +46,7 @@ def candidate_attention_ref(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if upcast:
-        q, k, v = q.float(), k.float(), v.float()
+        q, k, v = _upcast(q), _upcast(k), _upcast(v)
     qb, kb = _bounds(q_offsets, q.shape[0]), _bounds(kv_offsets, k.shape[0])
 
     outs = []
@@ -53,6 +58,6 @@ def candidate_attention_ref(
             outs.append(torch.zeros_like(q_u))
             continue
         s = torch.einsum("chd,lhd->hcl", q_u, k_u) * scale  # (H, C, L)
-        p = torch.softmax(s.float(), dim=-1).to(v_u.dtype)  # (H, C, L)
+        p = torch.softmax(_upcast(s), dim=-1).to(v_u.dtype)  # (H, C, L)
         outs.append(torch.einsum("hcl,lhd->chd", p, v_u))  # (C, H, Dh)
     return torch.cat(outs, dim=0).to(out_dtype)

@@ -33,12 +33,13 @@ def candidate_tower_layer_ref(
     n, d = z.shape
     out_dtype = z.dtype
     heads, head_dim = k.shape[1], k.shape[2]
-    p = TowerLayerParams(*(t.float() for t in params))
-    z = z.float()
+    compute = torch.promote_types(z.dtype, torch.float32)  # fp32, or fp64 if z is fp64
+    p = params.to(compute)
+    z = z.to(compute)
 
     h = F.layer_norm(z, (d,), p.ln1_w, p.ln1_b, eps=LAYER_NORM_EPS)  # (N, d)
     q = F.linear(h, p.wq, p.bq).view(n, heads, head_dim)  # (N, H, Dh)
-    a = candidate_attention_ref(q, k.float(), v.float(), q_offsets, kv_offsets)  # (N, H, Dh)
+    a = candidate_attention_ref(q, k.to(compute), v.to(compute), q_offsets, kv_offsets)  # (N, H, Dh)
     z = z + F.linear(a.reshape(n, d), p.wo, p.bo)  # (N, d)
 
     h = F.layer_norm(z, (d,), p.ln2_w, p.ln2_b, eps=LAYER_NORM_EPS)

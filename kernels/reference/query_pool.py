@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .candidate_attention import _bounds
+from .candidate_attention import _bounds, _upcast
 
 
 def query_pool_ref(
@@ -31,7 +31,7 @@ def query_pool_ref(
     if scale is None:
         scale = queries.shape[-1] ** -0.5
     if upcast:
-        queries, k, v = queries.float(), k.float(), v.float()
+        queries, k, v = _upcast(queries), _upcast(k), _upcast(v)
     kb = _bounds(kv_offsets, k.shape[0])
 
     outs = []
@@ -42,6 +42,6 @@ def query_pool_ref(
             outs.append(torch.zeros_like(queries))
             continue
         s = torch.einsum("mhd,lhd->hml", queries, k_u) * scale  # (H, M, L)
-        p = torch.softmax(s.float(), dim=-1).to(v_u.dtype)
+        p = torch.softmax(_upcast(s), dim=-1).to(v_u.dtype)
         outs.append(torch.einsum("hml,lhd->mhd", p, v_u))  # (M, H, Dh)
     return torch.stack(outs, dim=0).to(out_dtype)  # (B, M, H, Dh)
