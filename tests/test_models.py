@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from srp4ctr.errors import InputError
 from srp4ctr.models import FGBERT, FieldEmbedding, ModelConfig, ModelSpec, check_batch
 from srp4ctr.models.synthetic import random_batch, synthetic_spec
 
-SMALL = dict(d_model=16, n_heads=2, n_layers=2, max_len=12, head_hidden=(16, 8), n_queries=3)
+SMALL = {"d_model": 16, "n_heads": 2, "n_layers": 2, "max_len": 12, "head_hidden": (16, 8),
+         "n_queries": 3}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -62,18 +64,18 @@ def test_state_dict_carries_item_table(spec):
 
 
 def test_spec_from_dataset_duck_typed(spec):
-    class DS:
-        vocab = spec.vocab
-        item_fields = spec.item_fields
-        behaviour_fields = spec.behaviour_fields
-        multi_fields = spec.multi_fields
-        item_table = spec.item_table
-        user_table = {f: np.zeros(spec.n_users + 1, dtype=np.int64) for f in spec.user_fields}
-        n_items = spec.n_items
-        n_users = spec.n_users
-        fingerprint = "abc"
-
-    s = ModelSpec.from_dataset(DS())
+    ds = types.SimpleNamespace(
+        vocab=spec.vocab,
+        item_fields=spec.item_fields,
+        behaviour_fields=spec.behaviour_fields,
+        multi_fields=spec.multi_fields,
+        item_table=spec.item_table,
+        user_table={f: np.zeros(spec.n_users + 1, dtype=np.int64) for f in spec.user_fields},
+        n_items=spec.n_items,
+        n_users=spec.n_users,
+        fingerprint="abc",
+    )
+    s = ModelSpec.from_dataset(ds)
     assert s.user_fields == ["age", "gender", "occupation"] and s.fingerprint == "abc"
     assert s.oov_item == spec.n_items + 1
 

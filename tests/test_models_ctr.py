@@ -25,7 +25,8 @@ from srp4ctr.models import (
 )
 from srp4ctr.models.synthetic import random_batch, synthetic_spec
 
-SMALL = dict(d_model=16, n_heads=2, n_layers=2, max_len=12, head_hidden=(16, 8), n_queries=3)
+SMALL = {"d_model": 16, "n_heads": 2, "n_layers": 2, "max_len": 12, "head_hidden": (16, 8),
+         "n_queries": 3}
 ATOL = 1e-5
 
 

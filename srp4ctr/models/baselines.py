@@ -11,7 +11,7 @@ candidate, behaviour fields of the history, user fields).
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -19,18 +19,18 @@ from torch import nn
 from srp4ctr.models.ctr import check_encoder
 from srp4ctr.models.fgbert import FGBERT
 from srp4ctr.models.layers import (
-    emb_init_std,
     MLP,
     FieldEmbedding,
     TransformerLayer,
     UserFeatureEmbedding,
+    emb_init_std,
     masked_mean,
     recency_positions,
     valid_mask,
 )
 from srp4ctr.models.spec import ModelConfig, ModelSpec
 
-__all__ = ["DIN", "BST", "UserVectorCTR", "DIN_ATTENTION_HIDDEN"]
+__all__ = ["BST", "DIN", "DIN_ATTENTION_HIDDEN", "UserVectorCTR"]
 
 DIN_ATTENTION_HIDDEN = (80, 40)
 
@@ -160,7 +160,7 @@ class UserVectorCTR(_CTRBase):
             self.encoder.requires_grad_(False)
             self.encoder.eval()
 
-    def train(self, mode: bool = True) -> "UserVectorCTR":
+    def train(self, mode: bool = True) -> UserVectorCTR:
         super().train(mode)
         if self.config.freeze_encoder:
             self.encoder.eval()

@@ -30,8 +30,8 @@ the user and is computed once per user in ``encode_users`` (``UserState.head_use
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -40,18 +40,18 @@ from torch import nn
 from srp4ctr.errors import InputError
 from srp4ctr.models.fgbert import FGBERT
 from srp4ctr.models.layers import (
-    emb_init_std,
     MLP,
     FeedForward,
     MultiHeadAttention,
     UserFeatureEmbedding,
     attend,
+    emb_init_std,
     masked_mean,
     valid_mask,
 )
 from srp4ctr.models.spec import ModelConfig, ModelSpec
 
-__all__ = ["UserState", "CandidateLayer", "QFormer", "CTRHead", "SRP4CTR", "check_encoder"]
+__all__ = ["SRP4CTR", "CTRHead", "CandidateLayer", "QFormer", "UserState", "check_encoder"]
 
 
 @dataclass
@@ -76,7 +76,7 @@ class UserState:
     def n_users(self) -> int:
         return int(self.kv_len.shape[0])
 
-    def _map(self, fn) -> "UserState":
+    def _map(self, fn) -> UserState:
         return UserState(
             k=tuple(fn(t) for t in self.k),
             v=tuple(fn(t) for t in self.v),
@@ -86,24 +86,24 @@ class UserState:
             head_user=fn(self.head_user),
         )
 
-    def user(self, i: int) -> "UserState":
+    def user(self, i: int) -> UserState:
         """The state of user i alone (views, no copy)."""
         if not -self.n_users <= i < self.n_users:
             raise InputError(f"user {i} out of range for {self.n_users} users")
         i = i % self.n_users
         return self._map(lambda t: t[i : i + 1])
 
-    def select(self, index: torch.Tensor) -> "UserState":
+    def select(self, index: torch.Tensor) -> UserState:
         """The states of users ``index`` [U] (a gather)."""
         return self._map(lambda t: t.index_select(0, index))
 
-    def to(self, *args, **kwargs) -> "UserState":
+    def to(self, *args, **kwargs) -> UserState:
         return self._map(lambda t: t.to(*args, **kwargs))
 
-    def detach(self) -> "UserState":
+    def detach(self) -> UserState:
         return self._map(lambda t: t.detach())
 
-    def replace(self, **changes) -> "UserState":
+    def replace(self, **changes) -> UserState:
         return dataclasses.replace(self, **changes)
 
 
@@ -301,7 +301,7 @@ class SRP4CTR(nn.Module):
             self.encoder.requires_grad_(False)
             self.encoder.eval()
 
-    def train(self, mode: bool = True) -> "SRP4CTR":
+    def train(self, mode: bool = True) -> SRP4CTR:
         super().train(mode)
         if self.config.freeze_encoder:
             self.encoder.eval()

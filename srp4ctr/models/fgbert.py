@@ -25,7 +25,7 @@ fields that have at least one masked target in the batch of each field's mean lo
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +33,9 @@ from torch import nn
 
 from srp4ctr.errors import InputError
 from srp4ctr.models.layers import (
-    emb_init_std,
     FieldEmbedding,
     TransformerLayer,
+    emb_init_std,
     recency_positions,
     valid_mask,
 )
@@ -111,7 +111,7 @@ class FGBERT(nn.Module):
         replaced by the [MASK] vectors.
         """
         hist = batch["hist_item"]
-        B, L = hist.shape
+        L = hist.shape[1]
         if L > self.config.max_len:
             raise InputError(f"history width {L} exceeds max_len {self.config.max_len}")
         hist_len = batch["hist_len"]

@@ -46,6 +46,7 @@ Total = 2·(user + N·candidate) FLOPs.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from srp4ctr.errors import InputError
@@ -73,7 +74,7 @@ def _layer(T: int, d: int, f: int) -> int:
 
 def _mlp(in_dim: int, hidden: tuple[int, ...], skip_first: bool = False) -> int:
     dims = (in_dim, *hidden, 1)
-    macs = [a * b for a, b in zip(dims[:-1], dims[1:])]
+    macs = [a * b for a, b in itertools.pairwise(dims)]
     return sum(macs[1:] if skip_first else macs)
 
 

@@ -8,7 +8,7 @@ a row is opened to every key (so the softmax is finite) and the result is multip
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,17 +17,17 @@ from torch import nn
 from srp4ctr.models.spec import ModelConfig, ModelSpec
 
 __all__ = [
-    "emb_init_std",
-    "FieldEmbedding",
-    "UserFeatureEmbedding",
-    "MultiHeadAttention",
-    "FeedForward",
-    "TransformerLayer",
     "MLP",
-    "valid_mask",
-    "recency_positions",
-    "masked_mean",
+    "FeedForward",
+    "FieldEmbedding",
+    "MultiHeadAttention",
+    "TransformerLayer",
+    "UserFeatureEmbedding",
     "attend",
+    "emb_init_std",
+    "masked_mean",
+    "recency_positions",
+    "valid_mask",
 ]
 
 
@@ -57,12 +57,17 @@ def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    zero_empty: bool = True,
 ) -> torch.Tensor:
     """Scaled dot-product attention of q [B, Lq, H, Dh] over k, v [B, Lk, H, Dh].
 
-    key_valid: [B, Lk] bool or None (all keys valid). Rows with no valid key give zeros.
-    Returns [B, Lq, H * Dh].
+    key_valid: [B, Lk] bool or None (all keys valid). A row with no valid key attends to all of
+    its (padding) keys, so nothing is NaN, and with ``zero_empty`` (the default) its output is then
+    zeroed. Returns [B, Lq, H * Dh].
     """
     B, Lq, H, Dh = q.shape
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, Dh]
@@ -72,7 +77,8 @@ def attend(
         nonempty = key_valid.any(dim=1)  # [B]
         mask = (key_valid | ~nonempty[:, None])[:, None, None, :]  # [B, 1, 1, Lk]
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
-        out = out * nonempty.to(out.dtype)[:, None, None, None]
+        if zero_empty:
+            out = out * nonempty.to(out.dtype)[:, None, None, None]
     return out.transpose(1, 2).reshape(B, Lq, H * Dh)
 
 
@@ -107,7 +113,7 @@ class FieldEmbedding(nn.Module):
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
-            for f, m in self.emb.items():
+            for m in self.emb.values():
                 nn.init.normal_(m.weight, std=self.init_std)
                 m.weight[0].zero_()
             self.emb["item"].weight[self.oov_item].zero_()
@@ -215,8 +221,12 @@ class TransformerLayer(nn.Module):
     """Pre-LN bidirectional Transformer layer:
     ``x = x + Drop(MHA(LN1(x)))``, ``x = x + Drop(FFN(LN2(x)))``; LayerNorm eps 1e-5.
 
-    ``forward(..., return_kv=True)`` also returns this layer's K, V = LN1(x) W_{K,V} + b,
-    [B, L, H, Dh] — exactly the tensors the attention used.
+    ``forward`` also returns this layer's K, V = LN1(x) W_{K,V} + b, [B, L, H, Dh] — exactly
+    the tensors the attention used.
+
+    Self-attention over a sequence with no valid position (an empty history) is finite but not
+    zeroed: every query of such a row is itself padding, masked everywhere downstream, so the
+    multiply (a full pass over [B, L, d] in forward and backward) is skipped.
     """
 
     def __init__(self, d_model: int, n_heads: int, ffn_mult: int, dropout: float):
@@ -231,7 +241,7 @@ class TransformerLayer(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.ln1(x)
         k, v = self.attn.project_kv(h)
-        a = attend(self.attn.project_q(h), k, v, key_valid)
+        a = attend(self.attn.project_q(h), k, v, key_valid, zero_empty=False)
         x = x + self.drop(self.attn.wo(a))
         x = x + self.drop(self.ffn(self.ln2(x)))
         return x, k, v

@@ -12,15 +12,16 @@ rebuilt from such a dict has zero tables of the right shapes, filled by ``load_s
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
 from srp4ctr.errors import InputError
 
-__all__ = ["ModelSpec", "ModelConfig", "check_batch"]
+__all__ = ["ModelConfig", "ModelSpec", "check_batch"]
 
 
 @dataclass
@@ -120,7 +121,7 @@ class ModelSpec:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_dataset(cls, ds: Any) -> "ModelSpec":
+    def from_dataset(cls, ds: Any) -> ModelSpec:
         """Build from a prepared dataset (duck-typed: ``vocab``, ``item_fields``,
         ``behaviour_fields``, ``multi_fields``, ``item_table``, ``user_table``, ``n_items``,
         ``n_users``, ``fingerprint``)."""
@@ -157,7 +158,7 @@ class ModelSpec:
     @classmethod
     def from_dict(
         cls, d: Mapping[str, Any], item_table: Mapping[str, np.ndarray] | None = None
-    ) -> "ModelSpec":
+    ) -> ModelSpec:
         """Inverse of :meth:`to_dict`. Tables come from ``item_table``, else from the dict, else
         zeros of the recorded shapes (to be filled by the model's ``load_state_dict``)."""
         try:
@@ -241,14 +242,14 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise InputError(f"unknown ModelConfig keys: {sorted(unknown)}")
         return cls(**dict(d))
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 

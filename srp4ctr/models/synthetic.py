@@ -12,7 +12,7 @@ import torch
 
 from srp4ctr.models.spec import ModelSpec
 
-__all__ = ["synthetic_spec", "random_batch"]
+__all__ = ["random_batch", "synthetic_spec"]
 
 
 def synthetic_spec(n_items: int = 50, n_users: int = 20, n_genres: int = 6, genres_per_item: int = 3,
