@@ -86,6 +86,7 @@ def test_spec_from_dataset_duck_typed(spec):
         {"item_fields": ["genre", "item"]},
         {"vocab": {"item": 52}},
         {"multi_fields": ["rating"]},
+        {"behaviour_fields": ["rating", "a.b"]},
         {"item_table": {"genre": np.zeros((3, 2), dtype=np.int64), "year": np.zeros(52)}},
     ],
 )
@@ -101,7 +102,7 @@ def test_config_round_trip_and_validation():
     back = ModelConfig.from_dict(json.loads(json.dumps(c.to_dict())))
     assert back == c and back.head_hidden == (32, 16)
     for bad in ({"d_model": 30, "n_heads": 4}, {"dropout": 1.0}, {"mask_rate": 0.0},
-                {"n_layers": 0}):
+                {"n_layers": 0}, {"head_hidden": ()}):
         with pytest.raises(InputError):
             ModelConfig(**bad)
     with pytest.raises(InputError):

@@ -397,3 +397,31 @@ def test_flops():
     assert no_x.per_candidate < srp1.per_candidate
     with pytest.raises(InputError):
         flops_per_request("nope", c, L, 1)
+
+
+# ---------------------------------------------------------------------------- kernels contract
+def test_tower_matches_kernel_reference():
+    """The candidate tower equals the kernels' reference fed with ``tower_params()`` and the
+    users' K/V laid out jagged (rows ``[:kv_len]`` of each user, one user after another)."""
+    ref = pytest.importorskip("srp4ctr.kernels.reference.candidate_tower")
+    from srp4ctr.kernels import TowerLayerParams
+
+    m = model()
+    lengths = [3, 0, 12, 1]
+    b = random_batch(SPEC, 4, 12, lengths=lengths, seed=11)
+    counts = [2, 3, 1, 4]  # candidates per user, grouped by user
+    user_index = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
+    cand = torch.randint(1, SPEC.n_items + 1, (int(user_index.numel()),),
+                         generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        state = m.encode_users(b)
+        z0 = m.candidate_embedding(cand)
+        want = m.tower(z0, state, user_index)
+        kv = [(torch.cat([k[u, :n] for u, n in enumerate(lengths)]),
+               torch.cat([v[u, :n] for u, n in enumerate(lengths)]))
+              for k, v in zip(state.k, state.v, strict=True)]
+        params = [TowerLayerParams(*layer.tower_params()) for layer in m.cand_layers]
+        q_off = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()])
+        kv_off = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+        got = ref.candidate_tower_ref(z0, kv, params, q_off, kv_off)
+    assert (got - want).abs().max() <= ATOL

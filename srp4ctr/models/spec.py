@@ -89,6 +89,8 @@ class ModelSpec:
         ):
             raise InputError(f"duplicate field names in {names}")
         for f in names:
+            if not f or "." in f:
+                raise InputError(f"field name {f!r} is empty or holds a '.'")
             if f not in self.vocab:
                 raise InputError(f"vocab has no size for field {f!r}")
             if self.vocab[f] < 2:
@@ -229,8 +231,8 @@ class ModelConfig:
             raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 < self.mask_rate <= 1.0:
             raise InputError(f"mask_rate must be in (0, 1], got {self.mask_rate}")
-        if any(h < 1 for h in self.head_hidden):
-            raise InputError(f"head_hidden sizes must be positive, got {self.head_hidden}")
+        if not self.head_hidden or any(h < 1 for h in self.head_hidden):
+            raise InputError(f"head_hidden must be positive sizes, got {self.head_hidden}")
 
     @property
     def head_dim(self) -> int:
