@@ -15,6 +15,7 @@ from ._backend import Backend, BackendUnavailableError, get_backend, set_backend
 from ._params import TowerLayerParams
 from .candidate_attention import candidate_attention
 from .candidate_tower import candidate_tower, candidate_tower_layer
+from .cuda_graph import GraphedCall
 from .query_pool import query_pool
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "query_pool",
     "candidate_tower_layer",
     "candidate_tower",
+    "GraphedCall",
 ]

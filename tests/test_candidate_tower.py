@@ -231,3 +231,20 @@ def test_params_helpers():
     assert isinstance(params, TowerLayerParams)
     assert (params.d_model, params.d_ff) == (16, 40)
     assert all(t.dtype == torch.float16 for t in params.to(torch.float16))
+
+
+@pytest.mark.gpu
+def test_gpu_tower_replays_through_a_cuda_graph():
+    from srp4ctr.kernels import GraphedCall
+
+    z, k, v, params, qo, ko = make_problem([300, 0, 77], [50, 9, 0], 2, 32, 256, torch.bfloat16, "cuda", seed=8)
+    params = params.to(torch.bfloat16)
+    layers = [(k, v), (v, k)]
+
+    def tower(x):
+        return candidate_tower(x, layers, [params, params], qo, ko, validate=False)
+
+    step = GraphedCall(tower, z)
+    for scale in (1.0, -0.5):
+        x = z * scale
+        assert_close(step(x).clone(), candidate_tower_ref(x, layers, [params, params], qo, ko), "tower")

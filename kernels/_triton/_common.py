@@ -1,8 +1,9 @@
 """Pieces shared by the Triton kernels.
 
 - :func:`autotune` wraps ``triton.autotune`` once: under the interpreter it keeps a single small
-  config (timing configs on CPU would be pointless and slow), and ``SRP4CTR_TRITON_AUTOTUNE=0``
-  keeps only the first config on a GPU. Both are read when a kernel module is imported.
+  config (timing configs on CPU would be pointless and slow; read when a kernel module is
+  imported). On a GPU, ``SRP4CTR_TRITON_AUTOTUNE=0`` or :func:`set_autotuning` (False) keeps only
+  the first config that survives pruning.
 - :func:`_locate_tile` maps a program id to (user, candidate tile of that user) for jagged batches,
   in the kernel, so the launcher needs neither a host synchronisation nor an extra launch.
 - :func:`_attend` is the FlashAttention-2 style inner loop over one user's keys and values, shared
@@ -25,13 +26,34 @@ from .._backend import interpreting
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the cheap instruction
 
 
+_AUTOTUNERS: list = []  # every kernel wrapped by autotune(), for set_autotuning()
+_TUNING = {"enabled": os.environ.get("SRP4CTR_TRITON_AUTOTUNE", "1") != "0"}
+
+
 def autotune(configs, key, interpreter_config, prune_configs_by=None):
     """``triton.autotune`` with one config under the interpreter (see the module docstring)."""
     if interpreting():
         return triton.autotune(configs=[interpreter_config], key=key)
-    if os.environ.get("SRP4CTR_TRITON_AUTOTUNE", "1") == "0":
-        return triton.autotune(configs=configs[:1], key=key)
-    return triton.autotune(configs=configs, key=key, prune_configs_by=prune_configs_by)
+    user_prune = (prune_configs_by or {}).get("early_config_prune")
+
+    def prune(configs, named_args, **kwargs):
+        kept = user_prune(configs, named_args, **kwargs) if user_prune else configs
+        return kept if _TUNING["enabled"] else kept[:1]
+
+    def decorate(fn):
+        tuner = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(fn)
+        _AUTOTUNERS.append(tuner)
+        return tuner
+
+    return decorate
+
+
+def set_autotuning(enabled: bool) -> None:
+    """Switch autotuning on or off (off: the first config that survives pruning, no timing) and
+    forget the configs chosen so far. Checks of many shapes run faster with it off."""
+    _TUNING["enabled"] = bool(enabled)
+    for tuner in _AUTOTUNERS:
+        getattr(tuner, "cache", {}).clear()
 
 
 def length_bucket(n: int) -> int:
