@@ -393,6 +393,8 @@ def test_flops():
     assert srp1.per_candidate == 2 * (tower + head)
     layer = (4 + 2 * f) * (L + 1) * d * d + 2 * (L + 1) ** 2 * d
     assert bst100.per_candidate == 2 * (2 * layer + (3 * d * 200 + 200 * 80 + 80))
+    assert {**srp100} == {"user": srp100.user, "per_candidate": srp100.per_candidate,
+                          "n_candidates": 100, "total": srp100.total}
     no_x = flops_per_request("srp4ctr", c.replace(use_xattn=False), L, 1)
     assert no_x.per_candidate < srp1.per_candidate
     with pytest.raises(InputError):

@@ -177,7 +177,12 @@ class FGBERT(nn.Module):
     def pretrain_loss(
         self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Multi-attribute masked-prediction loss -> (loss, {field: detached per-field loss})."""
+        """Multi-attribute masked-prediction loss -> (loss, {field: detached per-field loss}).
+
+        ``generator`` drives the choice of masked positions and groups (reproducible masking);
+        dropout draws from the global RNG as usual. Fields with no masked target in the batch are
+        absent from the dict; a batch of empty histories gives a zero loss (with a graph).
+        """
         hist = batch["hist_item"]
         item_mask, beh_mask = self.sample_mask(batch["hist_len"], hist.shape[1], generator)
         x, valid = self.embed(batch, item_mask, beh_mask)

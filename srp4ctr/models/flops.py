@@ -57,7 +57,11 @@ __all__ = ["FlopCount", "flops_per_request"]
 
 @dataclass(frozen=True)
 class FlopCount:
-    """FLOPs of one request: ``user`` once, ``per_candidate`` for each of ``n_candidates``."""
+    """FLOPs of one request: ``user`` once, ``per_candidate`` for each of ``n_candidates``.
+
+    Also reads as a mapping (``dict(f)``, ``{**f}``) with keys ``user``, ``per_candidate``,
+    ``n_candidates``, ``total``, for tables and JSON.
+    """
 
     user: int
     per_candidate: int
@@ -66,6 +70,14 @@ class FlopCount:
     @property
     def total(self) -> int:
         return self.user + self.n_candidates * self.per_candidate
+
+    def keys(self) -> tuple[str, ...]:
+        return ("user", "per_candidate", "n_candidates", "total")
+
+    def __getitem__(self, key: str) -> int:
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
 
 
 def _layer(T: int, d: int, f: int) -> int:
