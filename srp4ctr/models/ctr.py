@@ -25,6 +25,11 @@ the user and is computed once per user in ``encode_users`` (``UserState.head_use
 - candidate part: ``[z^n, z^0]`` (``use_xattn``) or ``[z^0]`` (ablation);
 - user part: ``[mean-pooled H^n]`` (only in the ``use_xattn=False`` ablation, which takes the
   place of the tower output), then ``flatten(Q-Former tokens)`` (``use_qformer``).
+
+Q-Former and the serving kernels: the cross-attention of block b reads K/V =
+``blocks[b].cross_attn.w{k,v}(H^n)``. Its queries are the same for every user only when there is
+no per-user offset (``qformer_user_offset=False`` or no user fields) and only in block 1; with the
+offset each user has its own queries.
 """
 
 from __future__ import annotations
