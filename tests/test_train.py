@@ -1,0 +1,124 @@
+"""Training end to end on a tiny synthetic dataset: pre-training, fine-tuning, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from srp4ctr import data
+from srp4ctr.errors import CheckpointError
+from srp4ctr.models import ModelConfig
+from srp4ctr.train import TrainConfig, evaluate, finetune, load_checkpoint, load_model, pretrain
+
+from train_fixtures import write_tiny_ml1m
+
+TINY = dict(d_model=16, n_layers=1, n_heads=2, max_len=16, n_queries=2, head_hidden=(16, 8))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    src = write_tiny_ml1m(root / "ml-1m")
+    return data.prepare("ml-1m", path=str(src), data_dir=str(root / "cache"), progress=False)
+
+
+def _tc(**kw):
+    return TrainConfig(**{"epochs": 2, "batch_size": 64, "progress": False, **kw})
+
+
+def test_pretrain_then_finetune_and_reload(tiny, tmp_path):
+    mcfg = ModelConfig(**TINY)
+    pre = pretrain(tiny, tmp_path / "pre", model_config=mcfg, train_config=_tc())
+    assert {"hr@10", "ndcg@10", "hr@10_sampled100", "ndcg@10_sampled100"} <= set(pre["test"])
+    assert 0.0 <= pre["test"]["ndcg@10"] <= pre["test"]["hr@10"] <= 1.0
+    assert (tmp_path / "pre" / "config.json").exists()
+    assert (tmp_path / "pre" / "curves.png").exists()
+
+    res = finetune(tiny, tmp_path / "ctr", kind="srp4ctr", model_config=mcfg,
+                   train_config=_tc(seed=3), pretrained=tmp_path / "pre")
+    for split in ("valid", "test"):
+        assert 0.0 <= res[split]["auc"] <= 1.0
+        assert res[split]["logloss"] > 0
+    metrics = json.loads((tmp_path / "ctr" / "metrics.json").read_text())
+    assert metrics["test"] == pytest.approx(res["test"])
+    # the saved checkpoint reproduces the reported test metrics exactly
+    again = evaluate(tmp_path / "ctr", tiny, split="test")
+    assert again["auc"] == pytest.approx(res["test"]["auc"], abs=1e-6)
+    assert again["logloss"] == pytest.approx(res["test"]["logloss"], abs=1e-6)
+
+
+def test_same_seed_same_result(tiny):
+    mcfg = ModelConfig(**TINY)
+    a = finetune(tiny, None, kind="din", model_config=mcfg, train_config=_tc(seed=7))
+    b = finetune(tiny, None, kind="din", model_config=mcfg, train_config=_tc(seed=7))
+    assert a["test"]["auc"] == b["test"]["auc"]
+    assert a["test"]["logloss"] == b["test"]["logloss"]
+
+
+@pytest.mark.parametrize("kind", ["din", "bst", "user_vector"])
+def test_baselines_train(tiny, kind):
+    res = finetune(tiny, None, kind=kind, model_config=ModelConfig(**TINY),
+                   train_config=_tc(epochs=1))
+    assert 0.0 <= res["test"]["auc"] <= 1.0
+
+
+def test_checkpoint_is_checked_on_load(tiny, tmp_path):
+    finetune(tiny, tmp_path / "c", kind="din", model_config=ModelConfig(**TINY),
+             train_config=_tc(epochs=1))
+    load_checkpoint(tmp_path / "c")
+    weights = tmp_path / "c" / "model.safetensors"
+    blob = weights.read_bytes()
+    weights.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match="truncated or replaced"):
+        load_model(tmp_path / "c")
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="missing model.safetensors"):
+        load_model(tmp_path / "c")
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_checkpoint_of_another_dataset_is_refused(tiny, tmp_path):
+    finetune(tiny, tmp_path / "c", kind="din", model_config=ModelConfig(**TINY),
+             train_config=_tc(epochs=1))
+    with pytest.raises(CheckpointError, match="trained on dataset"):
+        load_model(tmp_path / "c", dataset_fingerprint="0" * 64)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tiny, tmp_path):
+    """DDP with gloo: two CPU processes train; rank 0's checkpoint loads and evaluates."""
+    src = Path(tiny.path) if hasattr(tiny, "path") else None
+    script = tmp_path / "ddp_job.py"
+    script.write_text(
+        "import sys, json\n"
+        "from srp4ctr import data\n"
+        "from srp4ctr.models import ModelConfig\n"
+        "from srp4ctr.train import TrainConfig, finetune\n"
+        f"ds = data.load_prepared({str(tiny.cache_dir)!r})\n"
+        f"res = finetune(ds, {str(tmp_path / 'ddp')!r}, kind='srp4ctr', "
+        f"model_config=ModelConfig(**{TINY!r}), "
+        "train_config=TrainConfig(epochs=2, batch_size=32, progress=False, num_threads=1))\n"
+        "import torch.distributed as dist\n"
+        "print('RESULT', dist.get_rank(), dist.get_world_size(), json.dumps(res['test']))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
+    assert sorted(l.split()[1] for l in results) == ["0", "1"]
+    assert all(l.split()[2] == "2" for l in results)
+    # both ranks gathered the same evaluation
+    assert results[0].split(" ", 3)[3] == results[1].split(" ", 3)[3]
+    again = evaluate(tmp_path / "ddp", tiny, split="test")
+    assert again["auc"] == pytest.approx(json.loads(results[0].split(" ", 3)[3])["auc"], abs=1e-6)
