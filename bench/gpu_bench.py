@@ -62,7 +62,13 @@ TOWER_HEADS, TOWER_HEAD_DIM, TOWER_LAYERS = 2, 32, 2
 CHECK_ATTENTION = [
     ("1 cand, L=1", [1], [1], 1, 16),
     ("C=4097 L=1025 Dh=128", [4097], [1025], 4, 128),
-    ("7 unequal users incl. empty", [1, 0, 300, 65, 1000, 17, 129], [0, 5, 1023, 64, 2000, 1, 300], 2, 64),
+    (
+        "7 unequal users incl. empty",
+        [1, 0, 300, 65, 1000, 17, 129],
+        [0, 5, 1023, 64, 2000, 1, 300],
+        2,
+        64,
+    ),
     ("odd Dh=24, block+-1", [63, 129], [65, 127], 2, 24),
     ("Dh=40, 3 users", [33, 1, 200], [31, 200, 0], 4, 40),
 ]
@@ -95,12 +101,20 @@ SMOKE = dict(
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="folder for the JSON")
-    p.add_argument("--budget-s", type=float, default=270.0, help="stop starting new measurements after this")
+    p.add_argument(
+        "--out", type=Path, default=ROOT / "bench" / "results", help="folder for the JSON"
+    )
+    p.add_argument(
+        "--budget-s", type=float, default=270.0, help="stop starting new measurements after this"
+    )
     p.add_argument("--skip-correctness", action="store_true")
-    p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile baselines")
+    p.add_argument(
+        "--skip-compile", action="store_true", help="leave out the torch.compile baselines"
+    )
     p.add_argument("--from-json", type=Path, help="print the table of a saved result and exit")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, CPU allowed (checks the script)")
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny shapes, CPU allowed (checks the script)"
+    )
     return p.parse_args(argv)
 
 
@@ -122,7 +136,10 @@ def format_table(result: dict) -> str:
     if checks:
         bad = [c for c in checks if not c["ok"]]
         lines.append(f"correctness vs fp32 reference: {len(checks) - len(bad)}/{len(checks)} ok")
-        lines += [f"  FAILED {c['op']} {c['case']} {c['dtype']}: max err {c['max_abs_err']:.3e}" for c in bad]
+        lines += [
+            f"  FAILED {c['op']} {c['case']} {c['dtype']}: max err {c['max_abs_err']:.3e}"
+            for c in bad
+        ]
     header = f"{'case':<36} {'provider':<26} {'median us':>10} {'TFLOP/s':>8} {'%GEMM':>6} {'GB/s':>7} {'%copy':>6}  note"
     lines += ["", header, "-" * len(header)]
     for row in result.get("rows", []):
@@ -140,7 +157,7 @@ def format_table(result: dict) -> str:
 def import_kernels():
     """srp4ctr.kernels, installed or straight from this checkout."""
     try:
-        import srp4ctr.kernels as kernels
+        from srp4ctr import kernels
     except ModuleNotFoundError:
         sys.path.insert(0, str(ROOT))
         import srp4ctr  # noqa: F401
@@ -179,7 +196,11 @@ class Run:
         self.check_tower = pick("check_tower", CHECK_TOWER)
         # The interpreter's bf16 dot is wrong: on CPU the smoke run uses fp16 throughout.
         self.dtype = torch.bfloat16 if self.device == "cuda" else torch.float16
-        self.check_dtypes = (torch.bfloat16, torch.float16) if self.device == "cuda" else (torch.float16, torch.float32)
+        self.check_dtypes = (
+            (torch.bfloat16, torch.float16)
+            if self.device == "cuda"
+            else (torch.float16, torch.float32)
+        )
 
     def left(self) -> float:
         return self.end - time.monotonic()
@@ -223,9 +244,9 @@ def environment(run: Run) -> dict:
     try:
         driver = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20,
+            capture_output=True, text=True, timeout=20, check=False,
         ).stdout.strip().splitlines()[0]  # fmt: skip
-    except Exception:
+    except (OSError, IndexError, subprocess.SubprocessError):  # no nvidia-smi, or no output
         driver = "unknown"
     props = torch.cuda.get_device_properties(0)
     return {
@@ -242,17 +263,12 @@ def measure_ceilings(run: Run) -> dict:
     import torch
 
     n = 256 if run.smoke else 8192
-    a = torch.randn(n, n, device=run.device, dtype=run.dtype)
-    b = torch.randn(n, n, device=run.device, dtype=run.dtype)
+    a, b = (torch.randn(n, n, device=run.device, dtype=run.dtype) for _ in range(2))
     t_gemm = run.timeit(lambda: torch.matmul(a, b))["median_us"]
-    del a, b
     src = torch.randn(2**16 if run.smoke else 2**28, device=run.device)  # 1 GiB of fp32 on GPU
     dst = torch.empty_like(src)
     t_copy = run.timeit(lambda: dst.copy_(src))["median_us"]
     nbytes = 2 * src.numel() * src.element_size()  # read + write
-    del src, dst
-    if run.device == "cuda":
-        torch.cuda.empty_cache()
     return {
         "gemm_bf16_tflops": 2 * n**3 / (t_gemm * 1e-6) / 1e12,
         "gemm_shape": [n, n, n],
@@ -306,24 +322,47 @@ def run_correctness(K, run: Run) -> list:
             break
         for case, c_lens, kv_lens, heads, dh in run.check_attention:
             q = rnd(sum(c_lens), heads, dh, dtype=dtype)
-            k, v = rnd(sum(kv_lens), heads, dh, dtype=dtype), rnd(sum(kv_lens), heads, dh, dtype=dtype)
+            k, v = (
+                rnd(sum(kv_lens), heads, dh, dtype=dtype),
+                rnd(sum(kv_lens), heads, dh, dtype=dtype),
+            )
             qo, ko = offsets(c_lens, kv_lens)
             got = K.candidate_attention(q, k, v, qo, ko, backend="triton")
-            record("candidate_attention", case, dtype, got, candidate_attention_ref(q, k, v, qo, ko), "attention")
+            record(
+                "candidate_attention",
+                case,
+                dtype,
+                got,
+                candidate_attention_ref(q, k, v, qo, ko),
+                "attention",
+            )
         for case, m, kv_lens, heads, dh in run.check_pool:
             qs = rnd(m, heads, dh, dtype=dtype)
-            k, v = rnd(sum(kv_lens), heads, dh, dtype=dtype), rnd(sum(kv_lens), heads, dh, dtype=dtype)
+            k, v = (
+                rnd(sum(kv_lens), heads, dh, dtype=dtype),
+                rnd(sum(kv_lens), heads, dh, dtype=dtype),
+            )
             ko = _offsets(kv_lens, dev)
             got = K.query_pool(qs, k, v, ko, backend="triton")
             record("query_pool", case, dtype, got, query_pool_ref(qs, k, v, ko), "attention")
         for case, c_lens, kv_lens, heads, dh, d_ff in run.check_tower:
             d = heads * dh
             z = rnd(sum(c_lens), d, dtype=dtype)
-            k, v = rnd(sum(kv_lens), heads, dh, dtype=dtype), rnd(sum(kv_lens), heads, dh, dtype=dtype)
+            k, v = (
+                rnd(sum(kv_lens), heads, dh, dtype=dtype),
+                rnd(sum(kv_lens), heads, dh, dtype=dtype),
+            )
             p = random_tower_params(d, d_ff, dtype, dev, g)
             qo, ko = offsets(c_lens, kv_lens)
             got = K.candidate_tower_layer(z, k, v, p, qo, ko, backend="triton")
-            record("candidate_tower_layer", case, dtype, got, candidate_tower_layer_ref(z, k, v, p, qo, ko), "tower")
+            record(
+                "candidate_tower_layer",
+                case,
+                dtype,
+                got,
+                candidate_tower_layer_ref(z, k, v, p, qo, ko),
+                "tower",
+            )
             if "5 users" in case:
                 layers, ps = [(k, v), (v, k)], [p, random_tower_params(d, d_ff, dtype, dev, g)]
                 got = K.candidate_tower(z, layers, ps, qo, ko, backend="triton")
@@ -356,87 +395,115 @@ def dense_reference(q, k, v, scale):
     return torch.einsum("bhcl,blhd->bchd", p, v.float()).to(q.dtype)  # (B, C, H, Dh)
 
 
-def run_attention(K, run: Run, ceil: dict) -> list:
+def attention_case(K, run: Run, ceil: dict, compiled, case, users, c, length) -> list:
+    """One candidate-attention shape: ours, SDPA per user, the naive broadcast, compiled reference."""
     import torch
     import torch.nn.functional as F
 
     dev, dt, d = run.device, run.dtype, HEADS * HEAD_DIM
     scale = HEAD_DIM**-0.5
-    compiled = torch.compile(dense_reference, dynamic=True) if run.use_compile else None
+    n_q, n_kv = users * c, users * length
+    q = torch.randn(n_q, HEADS, HEAD_DIM, device=dev, dtype=dt)
+    k = torch.randn(n_kv, HEADS, HEAD_DIM, device=dev, dtype=dt)
+    v = torch.randn(n_kv, HEADS, HEAD_DIM, device=dev, dtype=dt)
+    flops = 4 * n_q * length * d
+    nbytes = 2 * d * (2 * n_q + 2 * n_kv)  # q in, out, k and v once (2 bytes each)
     rows = []
-    for case, users, c, length in run.attention_cases:
-        if run.left() < 20:
-            run.skipped.append(f"{case}: time budget")
-            continue
-        n_q, n_kv = users * c, users * length
-        q = torch.randn(n_q, HEADS, HEAD_DIM, device=dev, dtype=dt)
-        k = torch.randn(n_kv, HEADS, HEAD_DIM, device=dev, dtype=dt)
-        v = torch.randn(n_kv, HEADS, HEAD_DIM, device=dev, dtype=dt)
-        flops = 4 * n_q * length * d
-        nbytes = 2 * d * (2 * n_q + 2 * n_kv)  # q in, out, k and v once (2 bytes each)
 
-        def add(provider, fn, note=""):
-            rows.append(_row(case, provider, run.timeit(fn), flops, nbytes, ceil, note))
+    def add(provider, fn, note=""):
+        rows.append(_row(case, provider, run.timeit(fn), flops, nbytes, ceil, note))
 
-        qo, ko = (None, None) if users == 1 else (_offsets([c] * users, dev), _offsets([length] * users, dev))
-        add("ours (triton)", lambda: K.candidate_attention(q, k, v, qo, ko, scale=scale, backend="triton", validate=False))
+    qo, ko = (None, None)
+    if users > 1:
+        qo, ko = _offsets([c] * users, dev), _offsets([length] * users, dev)
+    add(
+        "ours (triton)",
+        lambda: K.candidate_attention(
+            q, k, v, qo, ko, scale=scale, backend="triton", validate=False
+        ),
+    )
 
-        # SDPA with one batch per user (equal lengths here: no padding needed); views, no copies
-        q4 = q.view(users, c, HEADS, HEAD_DIM).transpose(1, 2)
-        k4 = k.view(users, length, HEADS, HEAD_DIM).transpose(1, 2)
-        v4 = v.view(users, length, HEADS, HEAD_DIM).transpose(1, 2)
-        add("SDPA per user", lambda: F.scaled_dot_product_attention(q4, k4, v4))
+    # SDPA with one batch per user (equal lengths here: no padding needed); views, no copies
+    q4 = q.view(users, c, HEADS, HEAD_DIM).transpose(1, 2)
+    k4 = k.view(users, length, HEADS, HEAD_DIM).transpose(1, 2)
+    v4 = v.view(users, length, HEADS, HEAD_DIM).transpose(1, 2)
+    add("SDPA per user", lambda: F.scaled_dot_product_attention(q4, k4, v4))
 
-        # the naive way: every candidate its own batch, its user's K/V copied for it
-        copied = 2 * n_q * length * d * 2
-        if 1.2 * copied > 0.6 * run.free_bytes():
-            rows.append(_skip_row(case, "K/V per candidate + SDPA", f"skipped: would copy {copied / 2**30:.0f} GiB"))
-        else:
-            user_of = torch.arange(users, device=dev).repeat_interleave(c)
+    # the naive way: every candidate its own batch, its user's K/V copied for it
+    copied = 2 * n_q * length * d * 2
+    if 1.2 * copied > 0.6 * run.free_bytes():
+        note = f"skipped: would copy {copied / 2**30:.0f} GiB"
+        rows.append(_skip_row(case, "K/V per candidate + SDPA", note))
+    else:
+        user_of = torch.arange(users, device=dev).repeat_interleave(c)
 
-            def naive():
-                kb = k.view(users, length, HEADS, HEAD_DIM).index_select(0, user_of).transpose(1, 2)
-                vb = v.view(users, length, HEADS, HEAD_DIM).index_select(0, user_of).transpose(1, 2)
-                return F.scaled_dot_product_attention(q[:, :, None, :], kb, vb)
+        def naive():
+            kb = k.view(users, length, HEADS, HEAD_DIM).index_select(0, user_of).transpose(1, 2)
+            vb = v.view(users, length, HEADS, HEAD_DIM).index_select(0, user_of).transpose(1, 2)
+            return F.scaled_dot_product_attention(q[:, :, None, :], kb, vb)
 
-            add("K/V per candidate + SDPA", naive, f"copies {copied / 2**30:.2f} GiB")
+        add("K/V per candidate + SDPA", naive, f"copies {copied / 2**30:.2f} GiB")
 
-        if compiled is not None and run.left() > 60:
-            qb = q.view(users, c, HEADS, HEAD_DIM)
-            kb, vb = k.view(users, length, HEADS, HEAD_DIM), v.view(users, length, HEADS, HEAD_DIM)
-            compiled(qb, kb, vb, scale)  # compile outside the timing
-            add("torch.compile(reference)", lambda: compiled(qb, kb, vb, scale))
-        elif compiled is not None:
-            rows.append(_skip_row(case, "torch.compile(reference)", "skipped: time budget"))
-        del q, k, v, q4, k4, v4
-        if dev == "cuda":
-            torch.cuda.empty_cache()
+    if compiled is not None and run.left() > 60:
+        qb = q.view(users, c, HEADS, HEAD_DIM)
+        kb, vb = k.view(users, length, HEADS, HEAD_DIM), v.view(users, length, HEADS, HEAD_DIM)
+        compiled(qb, kb, vb, scale)  # compile outside the timing
+        add("torch.compile(reference)", lambda: compiled(qb, kb, vb, scale))
+    elif compiled is not None:
+        rows.append(_skip_row(case, "torch.compile(reference)", "skipped: time budget"))
+    return rows
 
-    case, users, m, length = run.qformer_case
-    if run.left() < 20:
-        run.skipped.append(f"{case}: time budget")
-        return rows
+
+def pool_case(K, run: Run, ceil: dict, compiled, case, users, m, length) -> list:
+    """Q-Former pooling: ours, SDPA batched over users, compiled reference."""
+    import torch
+    import torch.nn.functional as F
+
+    dev, dt, d = run.device, run.dtype, HEADS * HEAD_DIM
+    scale = HEAD_DIM**-0.5
     qs = torch.randn(m, HEADS, HEAD_DIM, device=dev, dtype=dt)
     k = torch.randn(users * length, HEADS, HEAD_DIM, device=dev, dtype=dt)
     v = torch.randn(users * length, HEADS, HEAD_DIM, device=dev, dtype=dt)
     ko = _offsets([length] * users, dev)
     flops = 4 * users * m * length * d
     nbytes = 2 * d * (2 * users * length + users * m + m)
+    rows = []
 
-    def add_pool(provider, fn, note=""):
+    def add(provider, fn, note=""):
         rows.append(_row(case, provider, run.timeit(fn), flops, nbytes, ceil, note))
 
-    add_pool("ours (triton)", lambda: K.query_pool(qs, k, v, ko, scale=scale, backend="triton", validate=False))
+    add(
+        "ours (triton)",
+        lambda: K.query_pool(qs, k, v, ko, scale=scale, backend="triton", validate=False),
+    )
     q4 = qs.transpose(0, 1)[None].expand(users, HEADS, m, HEAD_DIM)
     k4 = k.view(users, length, HEADS, HEAD_DIM).transpose(1, 2)
     v4 = v.view(users, length, HEADS, HEAD_DIM).transpose(1, 2)
-    add_pool("SDPA batched over users", lambda: F.scaled_dot_product_attention(q4, k4, v4))
-    rows.append(_skip_row(case, "K/V per candidate + SDPA", "n/a: the queries are shared by all users"))
+    add("SDPA batched over users", lambda: F.scaled_dot_product_attention(q4, k4, v4))
+    rows.append(
+        _skip_row(case, "K/V per candidate + SDPA", "n/a: the queries are shared by all users")
+    )
     if compiled is not None and run.left() > 60:
         qb = qs[None].expand(users, m, HEADS, HEAD_DIM)
         kb, vb = k.view(users, length, HEADS, HEAD_DIM), v.view(users, length, HEADS, HEAD_DIM)
         compiled(qb, kb, vb, scale)
-        add_pool("torch.compile(reference)", lambda: compiled(qb, kb, vb, scale))
+        add("torch.compile(reference)", lambda: compiled(qb, kb, vb, scale))
+    return rows
+
+
+def run_attention(K, run: Run, ceil: dict) -> list:
+    import torch
+
+    compiled = torch.compile(dense_reference, dynamic=True) if run.use_compile else None
+    rows = []
+    for case in [*run.attention_cases, run.qformer_case]:
+        if run.left() < 20:
+            run.skipped.append(f"{case[0]}: time budget")
+            continue
+        measure = pool_case if case is run.qformer_case else attention_case
+        rows += measure(K, run, ceil, compiled, *case)
+        if run.device == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -470,7 +537,10 @@ def run_tower(K, run: Run, ceil: dict) -> list:
     d_ff = 4 * d
     g = torch.Generator().manual_seed(1)
     z = torch.randn(c, d, generator=g).to(dev, dt)
-    kvs = [tuple(torch.randn(length, heads, dh, generator=g).to(dev, dt) for _ in range(2)) for _ in range(n_layers)]
+    kvs = [
+        tuple(torch.randn(length, heads, dh, generator=g).to(dev, dt) for _ in range(2))
+        for _ in range(n_layers)
+    ]
     ps = [random_tower_params(d, d_ff, dt, dev, g) for _ in range(n_layers)]
     flops = n_layers * c * (4 * d * d + 4 * length * d + 4 * d * d_ff)
     nbytes = 2 * n_layers * (2 * c * d + 2 * length * d)  # z in and out, K and V, per layer
@@ -501,7 +571,9 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    if not torch.cuda.is_available() and not (args.smoke and os.environ.get("TRITON_INTERPRET") == "1"):
+    if not torch.cuda.is_available() and not (
+        args.smoke and os.environ.get("TRITON_INTERPRET") == "1"
+    ):
         print(
             "gpu_bench.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was "
             "measured. On CPU only '--smoke' runs, under TRITON_INTERPRET=1; '--from-json' "
@@ -516,6 +588,8 @@ def main(argv=None) -> int:
     result = {"meta": environment(run)}
     print(f"[gpu_bench] {result['meta']['gpu']}: measuring ceilings", flush=True)
     result["ceilings"] = ceil = measure_ceilings(run)
+    if run.device == "cuda":
+        torch.cuda.empty_cache()
     if not args.skip_correctness:
         print("[gpu_bench] correctness vs the fp32 reference", flush=True)
         set_autotuning(False)  # one config per kernel variant: many shapes, little compiling

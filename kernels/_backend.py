@@ -28,10 +28,10 @@ from srp4ctr.errors import InputError, SRP4CTRError
 __all__ = [
     "Backend",
     "BackendUnavailableError",
-    "triton_available",
-    "interpreting",
     "get_backend",
+    "interpreting",
     "set_backend",
+    "triton_available",
 ]
 
 ENV_BACKEND = "SRP4CTR_KERNEL_BACKEND"
@@ -53,7 +53,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """True when triton imports and can run: on a CUDA device, or on CPU under the interpreter.
 
@@ -77,7 +77,9 @@ def _coerce(backend: Backend | str) -> Backend:
         return Backend(str(backend).strip().lower())
     except ValueError:
         choices = ", ".join(b.value for b in Backend)
-        raise InputError(f"unknown kernel backend {backend!r}; expected one of: {choices}") from None
+        raise InputError(
+            f"unknown kernel backend {backend!r}; expected one of: {choices}"
+        ) from None
 
 
 def _require_triton() -> None:
@@ -123,7 +125,9 @@ def _triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def select(backend: Backend | str | None, device: torch.device, needs_grad: bool, op: str) -> Backend:
+def select(
+    backend: Backend | str | None, device: torch.device, needs_grad: bool, op: str
+) -> Backend:
     """The backend one call of ``op`` runs on, given its per-call override and its tensors."""
     if backend is None:
         chosen, explicit = get_backend(), _explicit

@@ -38,7 +38,7 @@ class TowerLayerParams(NamedTuple):
     w2: torch.Tensor
     b2: torch.Tensor
 
-    def to(self, *args, **kwargs) -> "TowerLayerParams":
+    def to(self, *args, **kwargs) -> TowerLayerParams:
         """Every tensor through ``Tensor.to(*args, **kwargs)`` (device and/or dtype)."""
         return TowerLayerParams(*(t.to(*args, **kwargs) for t in self))
 

@@ -7,6 +7,8 @@ is a device-to-host synchronisation: the ops do it unless called with ``validate
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from srp4ctr.errors import InputError
@@ -58,7 +60,9 @@ def check_kv(op: str, k: torch.Tensor, v: torch.Tensor) -> None:
             f"{tuple(v.shape)}"
         )
     if k.shape[1] < 1 or k.shape[2] < 1:
-        raise InputError(f"{op}: k/v need at least one head and head_dim >= 1, got {tuple(k.shape)}")
+        raise InputError(
+            f"{op}: k/v need at least one head and head_dim >= 1, got {tuple(k.shape)}"
+        )
 
 
 def check_offsets(
@@ -75,7 +79,9 @@ def check_offsets(
     if offsets.dtype != torch.int64:
         raise InputError(f"{op}: {name} must be int64, got {_name(offsets.dtype)}")
     if offsets.dim() != 1 or offsets.numel() < 2:
-        raise InputError(f"{op}: {name} must have shape [B+1] with B >= 1, got {tuple(offsets.shape)}")
+        raise InputError(
+            f"{op}: {name} must have shape [B+1] with B >= 1, got {tuple(offsets.shape)}"
+        )
     if offsets.device != device:
         raise InputError(f"{op}: {name} is on {offsets.device} but the inputs are on {device}")
     if not validate:
@@ -123,7 +129,7 @@ def check_scale(op: str, scale: float | None, head_dim: int) -> float:
         value = float(scale)
     except (TypeError, ValueError):
         raise InputError(f"{op}: scale must be a number, got {scale!r}") from None
-    if not (value == value) or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise InputError(f"{op}: scale must be finite, got {scale!r}")
     return value
 

@@ -158,8 +158,10 @@ def candidate_tower(
         )
     for i, ((k, v), params) in enumerate(zip(kv_per_layer, params_per_layer)):
         if k.shape[0] != kv_per_layer[0][0].shape[0]:
-            raise InputError(f"{op}: layer {i} has {k.shape[0]} k/v rows, layer 0 has "
-                             f"{kv_per_layer[0][0].shape[0]}; every layer covers the same users")
+            raise InputError(
+                f"{op}: layer {i} has {k.shape[0]} k/v rows, layer 0 has "
+                f"{kv_per_layer[0][0].shape[0]}; every layer covers the same users"
+            )
         _check_layer(f"{op} layer {i}", z, k, v, params, q_offsets, kv_offsets, validate and i == 0)
     needs_grad = any(
         _needs_grad(z, k, v, params) for (k, v), params in zip(kv_per_layer, params_per_layer)

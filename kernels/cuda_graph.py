@@ -30,10 +30,14 @@ class GraphedCall:
     to keep it.
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], *example_inputs: torch.Tensor, warmup: int = 2):
+    def __init__(
+        self, fn: Callable[..., torch.Tensor], *example_inputs: torch.Tensor, warmup: int = 2
+    ):
         if not torch.cuda.is_available():
             raise InputError("GraphedCall needs a CUDA device")
-        if not example_inputs or not all(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
+        if not example_inputs or not all(
+            isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs
+        ):
             raise InputError("GraphedCall needs at least one example input, all CUDA tensors")
         self.fn = fn
         self.static_inputs = [t.clone() for t in example_inputs]

@@ -9,11 +9,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from srp4ctr.errors import InputError
 from srp4ctr.kernels import candidate_attention
 from srp4ctr.kernels.reference import candidate_attention_ref
 from srp4ctr.kernels.testing import assert_close, offsets_from_lengths
+
+from srp4ctr.errors import InputError
 
 # Tile sizes the interpreter config uses (kernels/_triton/candidate_attention.py); lengths around
 # them exercise full tiles, masked tails and tile boundaries.
@@ -48,7 +48,8 @@ def naive_candidate_attention(q, k, v, c_lens, kv_lens, scale):
                 if kv_len == 0:
                     continue
                 scores = [
-                    float(q[i, h].double() @ k[j, h].double()) * scale for j in range(kv0, kv0 + kv_len)
+                    float(q[i, h].double() @ k[j, h].double()) * scale
+                    for j in range(kv0, kv0 + kv_len)
                 ]
                 top = max(scores)
                 weights = [math.exp(s - top) for s in scores]
@@ -105,7 +106,9 @@ def test_torch_backend_supports_autograd():
 # ------------------------------------------------------------------- Triton through the interpreter
 
 
-def check_against_reference(c_lens, kv_lens, heads, head_dim, dtype, device, seed, jagged=True, scale=None):
+def check_against_reference(
+    c_lens, kv_lens, heads, head_dim, dtype, device, seed, jagged=True, scale=None
+):
     q, k, v, qo, ko = make_problem(c_lens, kv_lens, heads, head_dim, dtype, device, seed, jagged)
     got = candidate_attention(q, k, v, qo, ko, scale=scale, backend="triton")
     want = candidate_attention_ref(q, k, v, qo, ko, scale=scale)
@@ -197,6 +200,13 @@ def test_triton_strided_inputs_and_custom_scale():
 
 
 @pytest.mark.interpreter
+@pytest.mark.usefixtures("nan_poison")
+def test_triton_one_user_without_history_gets_zeros():
+    q, k, v, _, _ = make_problem([5], [0], 2, 16, torch.float16, jagged=False)
+    assert (candidate_attention(q, k, v, backend="triton") == 0).all()
+
+
+@pytest.mark.interpreter
 def test_triton_no_candidates_returns_empty():
     q, k, v, _, _ = make_problem([0], [5], 2, 16, torch.float32, jagged=False)
     assert candidate_attention(q, k, v, backend="triton").shape == (0, 2, 16)
@@ -223,7 +233,10 @@ def test_triton_refuses_autograd():
 @settings(max_examples=40, **HYPOTHESIS)
 @given(
     users=st.lists(
-        st.tuples(st.integers(0, 300), st.one_of(st.sampled_from([0, 1, 63, 64, 65, 127, 129]), st.integers(0, 700))),
+        st.tuples(
+            st.integers(0, 300),
+            st.one_of(st.sampled_from([0, 1, 63, 64, 65, 127, 129]), st.integers(0, 700)),
+        ),
         min_size=1,
         max_size=8,
     ),

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from srp4ctr.errors import InputError
 from srp4ctr.kernels import TowerLayerParams, candidate_tower, candidate_tower_layer
 from srp4ctr.kernels.reference import candidate_tower_layer_ref, candidate_tower_ref
 from srp4ctr.kernels.testing import assert_close, offsets_from_lengths, random_tower_params
+
+from srp4ctr.errors import InputError
 
 BLOCK = 16  # the interpreter config's BLOCK_M/BLOCK_N/BLOCK_F (kernels/_triton/candidate_tower.py)
 HYPOTHESIS = dict(
@@ -31,7 +30,14 @@ def make_problem(c_lens, kv_lens, heads, head_dim, d_ff, dtype, device="cpu", se
     params = random_tower_params(d, d_ff, dtype=torch.float32, device=device, generator=g)
     if not jagged:
         return z, k, v, params, None, None
-    return z, k, v, params, offsets_from_lengths(c_lens, device), offsets_from_lengths(kv_lens, device)
+    return (
+        z,
+        k,
+        v,
+        params,
+        offsets_from_lengths(c_lens, device),
+        offsets_from_lengths(kv_lens, device),
+    )
 
 
 # --------------------------------------------------------------------------- the reference itself
@@ -86,7 +92,9 @@ def test_reference_stack_is_layer_by_layer():
     p1 = random_tower_params(16, 32, generator=torch.Generator().manual_seed(9))
     k1, v1 = k.flip(0), v.flip(0)
     got = candidate_tower_ref(z, [(k, v), (k1, v1)], [p0, p1], qo, ko)
-    want = candidate_tower_layer_ref(candidate_tower_layer_ref(z, k, v, p0, qo, ko), k1, v1, p1, qo, ko)
+    want = candidate_tower_layer_ref(
+        candidate_tower_layer_ref(z, k, v, p0, qo, ko), k1, v1, p1, qo, ko
+    )
     torch.testing.assert_close(got, want)
 
 
@@ -100,13 +108,19 @@ def test_torch_backend_supports_autograd():
 # ------------------------------------------------------------------- Triton through the interpreter
 
 
-def check_layer(c_lens, kv_lens, heads, head_dim, d_ff, dtype, device, seed, jagged=True, param_dtype=None):
-    z, k, v, params, qo, ko = make_problem(c_lens, kv_lens, heads, head_dim, d_ff, dtype, device, seed, jagged)
+def check_layer(
+    c_lens, kv_lens, heads, head_dim, d_ff, dtype, device, seed, jagged=True, param_dtype=None
+):
+    z, k, v, params, qo, ko = make_problem(
+        c_lens, kv_lens, heads, head_dim, d_ff, dtype, device, seed, jagged
+    )
     params = params.to(param_dtype or dtype)
     got = candidate_tower_layer(z, k, v, params, qo, ko, backend="triton")
     want = candidate_tower_layer_ref(z, k, v, params, qo, ko)
     assert got.dtype == dtype and got.shape == z.shape
-    assert_close(got, want, "tower", name=f"tower layer C={c_lens} L={kv_lens} H={heads} Dh={head_dim}")
+    assert_close(
+        got, want, "tower", name=f"tower layer C={c_lens} L={kv_lens} H={heads} Dh={head_dim}"
+    )
 
 
 @pytest.mark.interpreter
@@ -148,7 +162,13 @@ def test_triton_layer_matches_reference(dtype, users, shape, ffn_mult, extra_ff,
         ([BLOCK + 1], [BLOCK - 1], 2, 32, 256),  # the model's default width d = 64
         ([3, 0, 5], [0, 2, 0], 2, 16, 64),  # empty histories and a user without candidates
         ([2, 1], [7, 9], 4, 64, 256),  # d = 256, the widest fused layer
-        ([2, 3], [5, 4], 2, 136, 300),  # d = 272: the composed path (torch linears + Triton attention)
+        (
+            [2, 3],
+            [5, 4],
+            2,
+            136,
+            300,
+        ),  # d = 272: the composed path (torch linears + Triton attention)
     ],
     ids=["1cand-L1", "default-width", "empty-users", "d256", "d272-composed"],
 )
@@ -213,7 +233,9 @@ def test_validation_errors():
     with pytest.raises(InputError, match="need H \\* Dh == d"):
         candidate_tower_layer(z[:, :8], k, v, params, qo, ko, backend="torch")
     with pytest.raises(InputError, match="params.w2 has shape"):
-        candidate_tower_layer(z, k, v, params._replace(w2=params.w2[:, :5]), qo, ko, backend="torch")
+        candidate_tower_layer(
+            z, k, v, params._replace(w2=params.w2[:, :5]), qo, ko, backend="torch"
+        )
     with pytest.raises(InputError, match="params.bq has shape"):
         candidate_tower_layer(z, k, v, params._replace(bq=params.bq[:3]), qo, ko, backend="torch")
     with pytest.raises(InputError, match="TowerLayerParams"):
@@ -237,7 +259,9 @@ def test_params_helpers():
 def test_gpu_tower_replays_through_a_cuda_graph():
     from srp4ctr.kernels import GraphedCall
 
-    z, k, v, params, qo, ko = make_problem([300, 0, 77], [50, 9, 0], 2, 32, 256, torch.bfloat16, "cuda", seed=8)
+    z, k, v, params, qo, ko = make_problem(
+        [300, 0, 77], [50, 9, 0], 2, 32, 256, torch.bfloat16, "cuda", seed=8
+    )
     params = params.to(torch.bfloat16)
     layers = [(k, v), (v, k)]
 
@@ -247,4 +271,6 @@ def test_gpu_tower_replays_through_a_cuda_graph():
     step = GraphedCall(tower, z)
     for scale in (1.0, -0.5):
         x = z * scale
-        assert_close(step(x).clone(), candidate_tower_ref(x, layers, [params, params], qo, ko), "tower")
+        assert_close(
+            step(x).clone(), candidate_tower_ref(x, layers, [params, params], qo, ko), "tower"
+        )

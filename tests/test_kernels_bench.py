@@ -25,7 +25,9 @@ def bench():
 def test_arguments(bench, tmp_path):
     args = bench.parse_args([])
     assert args.out.name == "results" and args.budget_s > 0 and not args.smoke
-    args = bench.parse_args(["--out", str(tmp_path), "--skip-compile", "--smoke", "--budget-s", "60"])
+    args = bench.parse_args(
+        ["--out", str(tmp_path), "--skip-compile", "--smoke", "--budget-s", "60"]
+    )
     assert args.out == tmp_path and args.skip_compile and args.smoke and args.budget_s == 60
 
 
@@ -77,5 +79,7 @@ def test_smoke_run_end_to_end(bench, tmp_path, capsys):
     (path,) = tmp_path.glob("gpu_bench-smoke-*.json")
     result = json.loads(path.read_text())
     assert result["correctness"] and all(c["ok"] for c in result["correctness"])
-    assert {"ours (triton)", "SDPA per user", "eager torch"} <= {r["provider"] for r in result["rows"]}
+    assert {"ours (triton)", "SDPA per user", "eager torch"} <= {
+        r["provider"] for r in result["rows"]
+    }
     assert capsys.readouterr().out.rstrip().endswith(bench.format_table(result).rstrip())

@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
-
 import srp4ctr.kernels as K
-from srp4ctr.errors import InputError
+import torch
 from srp4ctr.kernels import Backend, BackendUnavailableError, _backend
+
+from srp4ctr.errors import InputError
 
 
 def run_python(code: str, **env_changes: str | None) -> str:

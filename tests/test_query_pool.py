@@ -7,11 +7,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from srp4ctr.errors import InputError
 from srp4ctr.kernels import query_pool
 from srp4ctr.kernels.reference import candidate_attention_ref, query_pool_ref
 from srp4ctr.kernels.testing import assert_close, offsets_from_lengths
+
+from srp4ctr.errors import InputError
 
 BLOCK = 16  # the interpreter config's BLOCK_N (kernels/_triton/query_pool.py)
 HEAD_DIMS = [16, 32, 64, 128]
@@ -57,7 +57,9 @@ def test_reference_without_offsets_is_one_user():
 
 
 def check_against_reference(n_queries, kv_lens, heads, head_dim, dtype, device, seed, jagged=True):
-    queries, k, v, ko = make_problem(n_queries, kv_lens, heads, head_dim, dtype, device, seed, jagged)
+    queries, k, v, ko = make_problem(
+        n_queries, kv_lens, heads, head_dim, dtype, device, seed, jagged
+    )
     got = query_pool(queries, k, v, ko, backend="triton")
     want = query_pool_ref(queries, k, v, ko)
     assert got.dtype == dtype and got.shape == want.shape

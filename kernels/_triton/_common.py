@@ -41,7 +41,9 @@ def autotune(configs, key, interpreter_config, prune_configs_by=None):
         return kept if _TUNING["enabled"] else kept[:1]
 
     def decorate(fn):
-        tuner = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(fn)
+        tuner = triton.autotune(
+            configs=configs, key=key, prune_configs_by={"early_config_prune": prune}
+        )(fn)
         _AUTOTUNERS.append(tuner)
         return tuner
 
@@ -68,7 +70,9 @@ def head_block(head_dim: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is only the default: unused for 16-bit
+    return (
+        "ieee" if dtype == torch.float32 else "tf32"
+    )  # tf32 is only the default: unused for 16-bit
 
 
 def scaled_log2(scale: float) -> float:

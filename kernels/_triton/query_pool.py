@@ -140,7 +140,9 @@ def query_pool_fwd(
     n_queries, heads, head_dim = queries.shape
     n_kv = k.shape[0]
     n_users = 1 if kv_offsets is None else kv_offsets.numel() - 1
-    out = torch.empty((n_users, n_queries, heads, head_dim), dtype=queries.dtype, device=queries.device)
+    out = torch.empty(
+        (n_users, n_queries, heads, head_dim), dtype=queries.dtype, device=queries.device
+    )
     if n_queries == 0:
         return out
     grid = (n_users, heads, triton.cdiv(n_queries, query_block(n_queries)))

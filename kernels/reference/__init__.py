@@ -6,7 +6,7 @@ from .query_pool import query_pool_ref
 
 __all__ = [
     "candidate_attention_ref",
-    "query_pool_ref",
     "candidate_tower_layer_ref",
     "candidate_tower_ref",
+    "query_pool_ref",
 ]

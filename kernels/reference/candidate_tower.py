@@ -39,7 +39,9 @@ def candidate_tower_layer_ref(
 
     h = F.layer_norm(z, (d,), p.ln1_w, p.ln1_b, eps=LAYER_NORM_EPS)  # (N, d)
     q = F.linear(h, p.wq, p.bq).view(n, heads, head_dim)  # (N, H, Dh)
-    a = candidate_attention_ref(q, k.to(compute), v.to(compute), q_offsets, kv_offsets)  # (N, H, Dh)
+    a = candidate_attention_ref(
+        q, k.to(compute), v.to(compute), q_offsets, kv_offsets
+    )  # (N, H, Dh)
     z = z + F.linear(a.reshape(n, d), p.wo, p.bo)  # (N, d)
 
     h = F.layer_norm(z, (d,), p.ln2_w, p.ln2_b, eps=LAYER_NORM_EPS)
