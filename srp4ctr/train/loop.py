@@ -317,6 +317,15 @@ def _train_epochs(
     return history, best_state, {"best_epoch": best_epoch, f"best_valid_{monitor}": best_value}
 
 
+_TRAIN_KEYS = ("epoch", "train_loss", "train_seconds", "train_samples_per_s")
+
+
+def _best_record(history: list[dict], epoch: int, exclude=()) -> dict:
+    """The validation metrics of the kept (best) epoch — the weights were restored to it."""
+    rec = next(h for h in history if h["epoch"] == epoch)
+    return {k: v for k, v in rec.items() if k not in exclude}
+
+
 def _dataset_info(ds) -> dict:
     return {"name": ds.name, "fingerprint": ds.fingerprint}
 
@@ -368,8 +377,7 @@ def pretrain(
     )
     test = next_item_metrics(model, test_set, device=cfg.device, world=world,
                              batch_size=cfg.eval_batch_size)
-    valid = next_item_metrics(model, valid_set, device=cfg.device, world=world,
-                              batch_size=cfg.eval_batch_size)
+    valid = _best_record(history, best["best_epoch"], exclude=_TRAIN_KEYS)
     result = {
         "kind": kind,
         "dataset": _dataset_info(ds),
@@ -481,8 +489,7 @@ def finetune(
         model=model, step_model=step_model, dataset=train_set, cfg=cfg, world=world,
         loss_fn=loss_fn, validate=validate, monitor="auc", lengths=lengths, desc=name or kind,
     )
-    valid = ctr_metrics(predict_ctr(model, valid_set, batch_size=cfg.eval_batch_size,
-                                    device=cfg.device, world=world))
+    valid = _best_record(history, best["best_epoch"], exclude=_TRAIN_KEYS)
     test = ctr_metrics(predict_ctr(model, test_set, batch_size=cfg.eval_batch_size,
                                    device=cfg.device, world=world))
     result = {
