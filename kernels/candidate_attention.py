@@ -43,6 +43,9 @@ def candidate_attention(
         [Nq, H, Dh] in the input dtype (fp32, fp16 or bf16; fp32 accumulation). Candidates of a
         user with no history (empty k/v range) get zeros.
 
+    Head dims: the Triton kernel takes any Dh <= 256 (padded inside to a power of two >= 16,
+    with masked loads); the torch reference takes any.
+
     Raises:
         srp4ctr.errors.InputError: bad shapes, dtypes, devices or offsets, or autograd requested
             on the Triton backend (the kernels are inference-only).

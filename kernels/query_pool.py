@@ -36,6 +36,9 @@ def query_pool(
     Returns:
         [B, M, H, Dh] in the input dtype (B = 1 without offsets); a user with no states gets zeros.
 
+    Head dims: the Triton kernel takes any Dh <= 256 (padded inside to a power of two >= 16,
+    with masked loads); the torch reference takes any.
+
     Raises:
         srp4ctr.errors.InputError: bad shapes, dtypes, devices or offsets, or autograd on Triton.
 
