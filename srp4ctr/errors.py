@@ -48,3 +48,7 @@ class CheckpointError(InputError):
 
 class CacheError(InputError):
     """A user cache is invalid: from another model, truncated, or holding NaN/inf."""
+
+
+class UnknownItemError(InputError):
+    """An item id that the dataset does not know, where unknown ids were not allowed (strict)."""
