@@ -1,0 +1,175 @@
+"""CPU latency of one request through the engine vs. what a user would otherwise run.
+
+Run explicitly (bench/ is not in the default test paths)::
+
+    python -m pytest bench/bench_engine_cpu.py --benchmark-json=bench/results/engine_cpu.json
+
+Model: d = 64, 2 layers, 2 heads, 4 Q-Former queries, head 384 -> 200 -> 80 -> 1, L = 200,
+random weights (timing only), on a synthetic MovieLens-1M-format dataset written to a temporary
+folder (nothing is downloaded). One user with a 200-interaction history; C candidates.
+
+Providers (every one with ``torch.set_num_threads(THREADS)``):
+
+- ``naive``: the training model's forward with the history repeated once per candidate (a batch
+  of C identical histories, in chunks of ``NAIVE_CHUNK``): FG-BERT and the Q-Former run C times.
+- ``eager_folded``: ``model.encode_users`` once + ``model.score_candidates_one_user`` (eager
+  torch, the user's K/V read in place, no precomputed item tables).
+- ``engine``: ``engine.encode_user(raw history)`` + ``engine.score(cache, raw ids)``: the
+  whole request from raw data, including id mapping and behaviour features.
+- ``eager_folded_cached`` / ``engine_cached``: the candidate side only, the user state already
+  computed (a cache hit).
+
+``benchmark.extra_info`` records shapes, analytic FLOPs (:func:`srp4ctr.models.flops_per_request`),
+the provider, thread count, machine and versions. Compare ratios within one run: the machines
+are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from srp4ctr.engine import Engine
+
+from srp4ctr import data
+from srp4ctr.models import SRP4CTR, ModelConfig, ModelSpec, flops_per_request
+
+THREADS = 2
+HIST = 200
+N_ITEMS = 3000
+NAIVE_CHUNK = 256
+CANDIDATES = (100, 1000, 4096)
+CONFIG = {"d_model": 64, "n_layers": 2, "n_heads": 2, "n_queries": 4, "max_len": HIST,
+          "head_hidden": (200, 80), "dropout": 0.0}
+
+
+def _write_ml1m(folder: Path, n_users: int = 8, n_items: int = N_ITEMS, seed: int = 0) -> Path:
+    """A synthetic dataset in the MovieLens-1M ``::`` format; every user has > HIST ratings."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    genres = ["Action", "Comedy", "Drama", "Horror", "Romance", "Thriller"]
+    with open(folder / "movies.dat", "w", encoding="latin-1") as f:
+        for i in range(1, n_items + 1):
+            g = "|".join(rng.choice(genres, size=int(rng.integers(1, 4)), replace=False))
+            f.write(f"{i}::Movie {i} ({1930 + i % 70})::{g}\n")
+    with open(folder / "users.dat", "w") as f:
+        f.writelines(f"{u}::{'MF'[u % 2]}::{[1, 18, 25, 35][u % 4]}::{u % 20}::0000{u}\n" for u in range(1, n_users + 1))
+    lines = []
+    for u in range(1, n_users + 1):
+        t = 978300000 + int(rng.integers(0, 10**6))
+        for it in rng.choice(np.arange(1, n_items + 1), size=HIST + 60, replace=False):
+            t += int(rng.integers(1, 50000))
+            lines.append(f"{u}::{it}::{int(rng.integers(1, 6))}::{t}\n")
+    (folder / "ratings.dat").write_text("".join(lines))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.set_num_threads(THREADS)
+    with tempfile.TemporaryDirectory(prefix="srp4ctr-bench-") as tmp:
+        root = Path(tmp)
+        ds = data.prepare("ml-1m", path=str(_write_ml1m(root / "ml-1m")),
+                          data_dir=str(root / "cache"), progress=False, max_len=HIST)
+        torch.manual_seed(0)
+        cfg = ModelConfig(**CONFIG)
+        spec = ModelSpec.from_dataset(ds)
+        model = SRP4CTR(spec, cfg).eval()
+        engine = Engine.from_model(model, ds)
+
+        # one user's raw history (the dataset's own last HIST+ interactions)
+        rows = ds.user_rows(1)
+        values = np.asarray(ds.value_vocab)
+        history = {
+            "item_id": ds.item_raw[ds.item[rows]],
+            "rating": values[ds.behaviour["rating"][rows] - 1],
+            "timestamp": ds.timestamp[rows],
+            "user_id": int(ds.user_raw[1]),
+        }
+        arrays = ds.encode_user_history(history, max_len=HIST)
+        assert int(arrays["hist_len"]) == HIST
+        batch1 = {k: torch.as_tensor(v).reshape(1, -1) for k, v in arrays.items()
+                  if k.startswith("hist_") and k != "hist_len"}
+        batch1["hist_len"] = torch.tensor([HIST])
+        for f in ds.user_fields:
+            batch1[f"user_{f}"] = torch.as_tensor(arrays[f"user_{f}"]).reshape(1)
+        rng = np.random.default_rng(1)
+        raw_cands = {C: ds.item_raw[rng.integers(1, ds.n_items + 1, size=C)] for C in CANDIDATES}
+        yield {"ds": ds, "model": model, "engine": engine, "history": history,
+               "batch1": batch1, "raw": raw_cands, "cfg": cfg}
+
+
+def _naive(model, batch1, cand):
+    out = []
+    for s in range(0, cand.shape[0], NAIVE_CHUNK):
+        c = cand[s : s + NAIVE_CHUNK]
+        b = {k: v.expand(c.shape[0], *v.shape[1:]) for k, v in batch1.items()}
+        b["cand_item"] = c
+        out.append(torch.sigmoid(model(b)))
+    return torch.cat(out)
+
+
+def _eager_folded(model, batch1, cand, state=None):
+    if state is None:
+        state = model.encode_users(batch1)
+    return torch.sigmoid(model.score_candidates_one_user(state, cand))
+
+
+PROVIDERS = ("naive", "eager_folded", "engine", "eager_folded_cached", "engine_cached")
+
+
+@pytest.mark.parametrize("C", CANDIDATES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_request_latency(benchmark, setup, provider, C):
+    torch.set_num_threads(THREADS)
+    model, engine, ds = setup["model"], setup["engine"], setup["ds"]
+    raw = setup["raw"][C]
+    batch1 = setup["batch1"]
+    cand = torch.as_tensor(ds.encode_items(raw))
+    history = setup["history"]
+    cache = engine.encode_user(history)
+    with torch.no_grad():
+        state = model.encode_users(batch1)
+        reference = _eager_folded(model, batch1, cand, state)
+
+    if provider == "naive":
+        fn = lambda: _naive(model, batch1, cand)
+    elif provider == "eager_folded":
+        fn = lambda: _eager_folded(model, batch1, cand)
+    elif provider == "eager_folded_cached":
+        fn = lambda: _eager_folded(model, batch1, cand, state)
+    elif provider == "engine":
+        fn = lambda: engine.score(engine.encode_user(history), raw)
+    else:
+        fn = lambda: engine.score(cache, raw)
+
+    with torch.no_grad():
+        out = fn()
+        assert (out - reference).abs().max().item() <= 1e-5  # every provider computes the same
+        slow = provider == "naive" and C >= 1000
+        benchmark.pedantic(fn, rounds=3 if slow else 15, warmup_rounds=1, iterations=1)
+
+    cfg = setup["cfg"]
+    flops = flops_per_request("srp4ctr", cfg, HIST, C, n_user_fields=len(ds.user_fields))
+    naive_flops = C * (flops.user + flops.per_candidate)
+    benchmark.group = f"C={C}"
+    benchmark.extra_info.update({
+        "provider": provider,
+        "C": C,
+        "history": HIST,
+        "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
+        "n_queries": cfg.n_queries, "head_hidden": list(cfg.head_hidden),
+        "flops_model": naive_flops if provider == "naive" else (
+            flops.per_candidate * C if provider.endswith("_cached") else flops.total),
+        "flops_user": flops.user, "flops_per_candidate": flops.per_candidate,
+        "engine_backend": engine.backend, "engine_chunk": engine.chunk_candidates(HIST),
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(), "processor": platform.processor(),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "python": platform.python_version(),
+    })

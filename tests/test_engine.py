@@ -1,0 +1,571 @@
+"""The serving engine on a real (tiny) pipeline: a MovieLens-1M-format folder, ``prepare``, an
+SRP4CTR checkpoint in the trainer's layout, ``Engine.load``.
+
+The engine's probabilities must equal the training model's forward on the same users and
+candidates (fp32, 1e-5), whatever the chunking, batching, ordering or threading.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from srp4ctr.engine import (
+    BackendUnavailableError,
+    Engine,
+    History,
+    UserCache,
+)
+from train_fixtures import write_tiny_ml1m
+
+from srp4ctr import data
+from srp4ctr.data.samples import CTRDataset
+from srp4ctr.errors import CacheError, CheckpointError, InputError, UnknownItemError
+from srp4ctr.models import FGBERT, SRP4CTR, ModelConfig, ModelSpec, build_model
+from srp4ctr.train import TrainConfig, finetune, load_model
+from srp4ctr.train.checkpoint import save_checkpoint
+
+torch.set_num_threads(1)
+
+TINY = {"d_model": 16, "n_layers": 2, "n_heads": 2, "max_len": 16, "n_queries": 2,
+        "head_hidden": (16, 8)}
+ATOL = 1e-5
+# Chunking, batching users together or scoring one by one change only the number of rows of each
+# matrix product; BLAS may then pick another kernel (small row counts), so results agree to fp32
+# rounding rather than bit for bit.
+ROUNDING = 2e-6
+
+
+# ----------------------------------------------------------------------------- fixtures
+def _perturbed(model: torch.nn.Module, seed: int, scale: float = 0.3) -> torch.nn.Module:
+    """Random weights with some spread (fresh models score everything near 0.5)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+def _save(path, model, ds, kind="srp4ctr"):
+    """A checkpoint in the layout the trainer writes (``_save_run``)."""
+    save_checkpoint(path, model, {
+        "kind": kind,
+        "model_config": model.config.to_dict(),
+        "spec": model.spec.to_dict(),
+        "train_config": TrainConfig().to_dict(),
+        "dataset": {"name": ds.name, "fingerprint": ds.fingerprint},
+        "metrics": {},
+    })
+    return path
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("engine")
+
+
+@pytest.fixture(scope="module")
+def tiny(root):
+    src = write_tiny_ml1m(root / "ml-1m")
+    return data.prepare("ml-1m", path=str(src), data_dir=str(root / "cache"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def ckpt(root, tiny):
+    torch.manual_seed(0)
+    model = _perturbed(SRP4CTR(ModelSpec.from_dataset(tiny), ModelConfig(**TINY)), seed=1)
+    return _save(root / "ckpt", model, tiny)
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt, root):
+    return Engine.load(ckpt, data_dir=root / "cache")
+
+
+@pytest.fixture(scope="module")
+def model(ckpt, tiny):
+    """The training model, rebuilt from the checkpoint by the trainer's loader."""
+    m, _ = load_model(ckpt, dataset_fingerprint=tiny.fingerprint)
+    return m.eval()
+
+
+def raw_history(ds, user: int, end: int | None = None, user_id: bool = True) -> dict:
+    """User ``user``'s raw interactions (its rows before flat row ``end``), as a caller has them."""
+    rows = ds.user_rows(user)
+    stop = rows.stop if end is None else end
+    sl = slice(rows.start, stop)
+    h = {
+        "item_id": ds.item_raw[ds.item[sl]].tolist(),
+        "rating": np.asarray(ds.value_vocab)[ds.behaviour["rating"][sl] - 1].tolist(),
+        "timestamp": ds.timestamp[sl].tolist(),
+    }
+    if user_id:
+        h["user_id"] = int(ds.user_raw[user])
+    return h
+
+
+def model_probs(model, ds, history: dict, raw_cands) -> torch.Tensor:
+    """The training forward on a batch of C copies of the history (built by the data pipeline)."""
+    arr = ds.encode_user_history(history, max_len=model.config.max_len)
+    cand = torch.as_tensor(ds.encode_items(np.asarray(raw_cands)))
+    C, n = cand.shape[0], int(arr["hist_len"])
+    width = max(n, 1)
+
+    def rows(key):
+        a = np.zeros(width, np.int64)
+        a[:n] = arr[key]
+        return torch.as_tensor(a).expand(C, width)
+
+    batch = {"hist_item": rows("hist_item"), "hist_len": torch.full((C,), n), "cand_item": cand}
+    for f in ds.behaviour_fields:
+        batch[f"hist_{f}"] = rows(f"hist_{f}")
+    for f, t in ds.user_table.items():
+        batch[f"user_{f}"] = torch.full((C,), int(arr.get(f"user_{f}", t[0])))
+    with torch.no_grad():
+        return torch.sigmoid(model(batch))
+
+
+def close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> bool:
+    return a.shape == b.shape and (a.numel() == 0 or (a - b).abs().max().item() <= atol)
+
+
+# ----------------------------------------------------------------------------- loading
+def test_load_describes_itself_and_prints_nothing(engine, tiny, capsys):
+    info = engine.describe()
+    assert engine.backend == "torch" and info["backend"] == "torch"
+    assert info["dataset"]["fingerprint"] == tiny.fingerprint
+    assert info["model_fingerprint"] == engine.fingerprint and len(engine.fingerprint) == 64
+    assert info["folded"]["item_tables"] is True
+    assert info["dtype"] == "float32" and info["device"] == "cpu"
+    assert "Engine(" in repr(engine)
+    assert capsys.readouterr() == ("", "")
+    # only the serving parts of the dataset are kept
+    assert engine.dataset.n_interactions == 0
+    assert engine.dataset.fingerprint == tiny.fingerprint
+
+
+def test_load_with_dataset_object_or_folder(ckpt, tiny):
+    a = Engine.load(ckpt, dataset=tiny)
+    b = Engine.load(ckpt, dataset=tiny.path)
+    h = raw_history(tiny, 3)
+    assert torch.equal(a.score(a.encode_user(h), [1, 2, 3]), b.score(b.encode_user(h), [1, 2, 3]))
+
+
+def test_load_refuses_other_kinds(root, tiny):
+    cfg = ModelConfig(**TINY)
+    spec = ModelSpec.from_dataset(tiny)
+    pre = _save(root / "pre", FGBERT(spec, cfg), tiny, kind="fgbert")
+    with pytest.raises(CheckpointError, match="pre-training checkpoint"):
+        Engine.load(pre, dataset=tiny)
+    din = _save(root / "din", build_model("din", spec, cfg), tiny, kind="din")
+    with pytest.raises(CheckpointError, match="'din'.*srp4ctr"):
+        Engine.load(din, dataset=tiny)
+    with pytest.raises(CheckpointError):
+        Engine.load(root / "nowhere")
+
+
+def test_load_refuses_another_dataset(ckpt, root, tmp_path):
+    other_src = write_tiny_ml1m(tmp_path / "other", seed=5)
+    other = data.prepare("ml-1m", path=str(other_src), data_dir=str(tmp_path / "c"),
+                         progress=False)
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        Engine.load(ckpt, dataset=other)
+    with pytest.raises(CheckpointError, match="not in"):
+        Engine.load(ckpt, data_dir=tmp_path / "empty")
+
+
+def test_load_refuses_truncated_weights(ckpt, tiny, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    w = bad / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        Engine.load(bad, dataset=tiny)
+
+
+def test_backends(ckpt, tiny):
+    with pytest.raises(BackendUnavailableError, match="not built"):
+        Engine.load(ckpt, dataset=tiny, backend="cpp")
+    with pytest.raises(InputError, match="unknown engine backend"):
+        Engine.load(ckpt, dataset=tiny, backend="tpu")
+    with pytest.raises(InputError, match="dtype"):
+        Engine.load(ckpt, dataset=tiny, dtype=torch.int32)
+    assert Engine.load(ckpt, dataset=tiny, backend="torch").backend == "torch"
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA"):
+            Engine.load(ckpt, dataset=tiny, device="cuda")
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(ckpt, tiny, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="triton"):
+        Engine.load(ckpt, dataset=tiny, backend="triton")
+
+
+# ----------------------------------------------------------------------------- parity
+def test_score_equals_training_forward_on_ctr_samples(engine, model, tiny):
+    """Histories rebuilt from the raw data give the training samples' probabilities."""
+    samples = CTRDataset(tiny, "test", max_len=model.config.max_len)
+    idx = np.arange(0, len(samples), max(1, len(samples) // 40))
+    batch = samples.batch(idx)
+    with torch.no_grad():
+        want = torch.sigmoid(model(batch))
+    assert want.std() > 0.03  # the weights discriminate: the comparison means something
+    got = []
+    for i in idx:
+        u, end = int(samples.users[i]), int(samples.end[i])
+        cache = engine.encode_user(raw_history(tiny, u, end))
+        assert cache.length == int(samples.hist_lengths()[i])
+        cand = tiny.item_raw[int(samples.extras["cand_item"][i])]
+        got.append(engine.score(cache, [cand]))
+    assert close(torch.cat(got), want)
+
+
+@pytest.mark.parametrize("user", [1, 7, 23])
+def test_score_equals_training_forward_many_candidates(engine, model, tiny, user):
+    h = raw_history(tiny, user)
+    cands = list(tiny.item_raw[1:]) + [10**6, 0]  # every item, an unknown id, id 0 (unknown)
+    p = engine.score(engine.encode_user(h), cands)
+    assert p.dtype == torch.float32 and p.shape == (len(cands),)
+    assert close(p, model_probs(model, tiny, h, cands))
+
+
+def test_user_features_change_the_score(engine, model, tiny):
+    h = raw_history(tiny, 4, user_id=False)
+    with_user = engine.encode_user(h, user_id=int(tiny.user_raw[4]))
+    without = engine.encode_user(h)
+    cands = [1, 2, 3]
+    assert close(engine.score(with_user, cands), model_probs(model, tiny, {**h, "user_id":
+                                                                            int(tiny.user_raw[4])},
+                                                             cands))
+    assert close(engine.score(without, cands), model_probs(model, tiny, h, cands))
+    assert not close(engine.score(with_user, cands), engine.score(without, cands))
+    # an unknown user id is the same as none
+    assert torch.equal(engine.encode_user(h, user_id=99999).head_user, without.head_user)
+
+
+def test_history_length_one_and_empty(engine, model, tiny):
+    one = {"item_id": [5], "rating": [4], "timestamp": [978300000]}
+    empty = {"item_id": [], "rating": [], "timestamp": []}
+    cands = [1, 5, 9, 10**7]
+    c1, c0 = engine.encode_user(one), engine.encode_user(empty)
+    assert c1.length == 1 and c0.length == 0
+    assert c0.k.shape == (2, 0, 2, 8)
+    assert close(engine.score(c1, cands), model_probs(model, tiny, one, cands))
+    assert close(engine.score(c0, cands), model_probs(model, tiny, empty, cands))
+    assert engine.score_many([c0, c1], [cands, cands])[0].equal(engine.score(c0, cands))
+
+
+def test_history_longer_than_max_len_uses_the_last(engine, model, tiny):
+    L = engine.max_len
+    h = raw_history(tiny, 2)
+    n = len(h["item_id"])
+    assert n > L + 1
+    cache = engine.encode_user(h)
+    assert cache.length == L
+    assert close(engine.score(cache, [1, 2, 3]), model_probs(model, tiny, h, [1, 2, 3]))
+    # only the last L interactions (and the one before them, for the first time gap) matter
+    tail = {k: v[n - L - 1:] for k, v in h.items() if k != "user_id"}
+    tail["user_id"] = h["user_id"]
+    assert torch.equal(engine.encode_user(tail).k, cache.k)
+    # order of the input does not matter: interactions are sorted by time as in training
+    perm = np.random.default_rng(0).permutation(n)
+    shuffled = {k: [v[i] for i in perm] for k, v in h.items() if k != "user_id"}
+    assert torch.equal(engine.encode_user(History(**shuffled, user_id=h["user_id"])).k, cache.k)
+
+
+def test_unknown_history_items_are_oov(engine, model, tiny):
+    h = {"item_id": [1, 99999, 3], "rating": [5, 4, 1], "timestamp": [10, 20, 30]}
+    cands = [2, 3]
+    assert close(engine.score(engine.encode_user(h), cands), model_probs(model, tiny, h, cands))
+
+
+def test_history_dataclass_and_mapping_agree(engine, tiny):
+    h = raw_history(tiny, 5)
+    a = engine.encode_user(h)
+    b = engine.encode_user(History(item_id=h["item_id"], timestamp=h["timestamp"],
+                                   rating=h["rating"], user_id=h["user_id"]))
+    c = engine.encode_user({k: np.asarray(v) for k, v in h.items()})
+    for x in (b, c):
+        assert torch.equal(a.k, x.k) and torch.equal(a.head_user, x.head_user)
+    assert a.user_id == h["user_id"]
+
+
+def test_encode_users_batch_equals_one_by_one(engine, tiny):
+    hs = [raw_history(tiny, u) for u in (1, 2, 3)] + [{"item_id": [], "rating": [],
+                                                        "timestamp": []}]
+    many = engine.encode_users(hs)
+    for h, c in zip(hs, many):
+        one = engine.encode_user(h)
+        assert c.length == one.length
+        assert close(c.k, one.k, 1e-5) and close(c.head_user, one.head_user, 1e-5)
+    assert engine.encode_users([]) == []
+
+
+def test_fold_tables_match_the_model(engine, model, tiny):
+    fm = engine.folded
+    ids = torch.arange(tiny.n_items + 2)
+    with torch.no_grad():
+        z0 = model.candidate_embedding(ids)
+        assert torch.equal(fm.z0, z0)
+        layer = model.cand_layers[0]
+        assert close(fm.q0, layer.wq(layer.ln1(z0)), 1e-6)
+        w = model.head.first.weight
+        assert close(fm.hz0, z0 @ w[:, 16:32].T, 1e-6)
+    unfolded = Engine.load(engine.checkpoint, dataset=tiny, fold_items=False)
+    assert unfolded.describe()["folded"]["item_tables"] is False
+    h = raw_history(tiny, 6)
+    cands = list(range(1, 40))
+    assert close(unfolded.score(unfolded.encode_user(h), cands),
+                 engine.score(engine.encode_user(h), cands), 1e-6)
+
+
+@pytest.mark.parametrize("config", [
+    {"use_xattn": False},
+    {"use_qformer": False},
+    {"qformer_user_offset": False, "n_layers": 1, "head_hidden": (12,)},
+], ids=["no-xattn", "no-qformer", "1-layer-1-hidden"])
+def test_ablations_are_served_exactly(tiny, root, config):
+    torch.manual_seed(3)
+    cfg = ModelConfig(**{**TINY, **config})
+    m = _perturbed(SRP4CTR(ModelSpec.from_dataset(tiny), cfg), seed=4)
+    path = _save(root / f"abl-{'-'.join(sorted(config))}", m, tiny)
+    eng = Engine.load(path, dataset=tiny)
+    for u in (1, 9):
+        h = raw_history(tiny, u)
+        cands = [1, 2, 3, 50, 10**6]
+        assert close(eng.score(eng.encode_user(h), cands), model_probs(m, tiny, h, cands))
+    empty = {"item_id": [], "rating": [], "timestamp": []}
+    assert close(eng.score(eng.encode_user(empty), [4]), model_probs(m, tiny, empty, [4]))
+
+
+def test_trainer_checkpoint(tiny, tmp_path):
+    """A checkpoint written by ``finetune`` itself loads and scores like its model."""
+    tc = TrainConfig(epochs=1, max_steps_per_epoch=2, batch_size=64, progress=False)
+    finetune(tiny, tmp_path / "ft", model_config=ModelConfig(**TINY), train_config=tc)
+    eng = Engine.load(tmp_path / "ft", dataset=tiny)
+    m, _ = load_model(tmp_path / "ft")
+    h = raw_history(tiny, 11)
+    cands = list(range(1, 61))
+    assert close(eng.score(eng.encode_user(h), cands), model_probs(m, tiny, h, cands))
+
+
+# ----------------------------------------------------------------------------- semantics
+@pytest.fixture(scope="module")
+def caches(engine, tiny):
+    users = [1, 2, 3, 4, 5]
+    out = [engine.encode_user(raw_history(tiny, u)) for u in users]
+    out.append(engine.encode_user({"item_id": [], "rating": [], "timestamp": []}))
+    return out
+
+
+def test_score_many_equals_score(engine, caches):
+    rng = np.random.default_rng(0)
+    lists = [rng.integers(1, 70, size=n).tolist() for n in (5, 1, 0, 33, 12, 7)]
+    many = engine.score_many(caches, lists)
+    assert len(many) == len(caches)
+    for c, cands, got in zip(caches, lists, many):
+        assert close(got, engine.score(c, cands), ROUNDING)
+    assert engine.score_many([], []) == []
+
+
+def test_score_many_chunks_users_and_long_lists(tiny, engine, caches):
+    small = Engine.load(engine.checkpoint, dataset=tiny, chunk_size=8)
+    rng = np.random.default_rng(1)
+    lists = [rng.integers(1, 62, size=n).tolist() for n in (3, 30, 4, 4, 9, 2)]
+    for a, b in zip(small.score_many(caches, lists), engine.score_many(caches, lists)):
+        assert close(a, b, ROUNDING)
+
+
+def test_chunked_equals_unchunked(tiny, engine, caches):
+    cands = np.random.default_rng(2).integers(1, 62, size=500)
+    whole = engine.score(caches[0], cands)
+    for chunk in (1, 7, 64):
+        e = Engine.load(engine.checkpoint, dataset=tiny, chunk_size=chunk)
+        assert e.chunk_candidates(caches[0].length) == chunk
+        assert close(e.score(caches[0], cands), whole, ROUNDING)
+    by_bytes = Engine.load(engine.checkpoint, dataset=tiny, max_chunk_bytes=20_000)
+    assert 1 < by_bytes.chunk_candidates(16) < 500
+    assert close(by_bytes.score(caches[0], cands), whole, ROUNDING)
+
+
+def test_permuting_candidates_permutes_scores(engine, caches):
+    cands = np.arange(1, 61)
+    p = engine.score(caches[1], cands)
+    perm = np.random.default_rng(3).permutation(60)
+    assert close(engine.score(caches[1], cands[perm]), p[torch.as_tensor(perm)], ROUNDING)
+    # duplicates score the same
+    d = engine.score(caches[1], [7, 7, 7])
+    assert d[0] == d[1] == d[2]
+
+
+@pytest.mark.parametrize("kind", ["list", "tuple", "numpy-int32", "tensor", "float-ints",
+                                  "float-tensor", "range"])
+def test_candidate_container_types(engine, caches, kind):
+    ids = [3, 1, 4, 15, 9, 26]
+    want = engine.score(caches[0], ids)
+    arg = {
+        "list": ids, "tuple": tuple(ids), "numpy-int32": np.asarray(ids, np.int32),
+        "tensor": torch.tensor(ids), "float-ints": [float(i) for i in ids],
+        "float-tensor": torch.tensor(ids, dtype=torch.float32), "range": None,
+    }[kind]
+    if kind == "range":
+        assert torch.equal(engine.score(caches[0], range(1, 5)), engine.score(caches[0],
+                                                                             [1, 2, 3, 4]))
+        return
+    assert torch.equal(engine.score(caches[0], arg), want)
+
+
+@pytest.mark.parametrize("empty", [[], (), np.zeros(0, np.int64), torch.zeros(0, dtype=torch.long)])
+def test_empty_candidate_list(engine, caches, empty):
+    out = engine.score(caches[0], empty)
+    assert out.shape == (0,) and out.dtype == torch.float32
+
+
+def test_unknown_candidates(engine, caches):
+    p = engine.score(caches[0], [10**6, 123456, 1])
+    assert p[0] == p[1]  # both the out-of-vocabulary item
+    assert p[0] == engine.score(caches[0], [0])[0]  # raw id 0 is no MovieLens id either
+    with pytest.raises(UnknownItemError, match="unknown item id"):
+        engine.score(caches[0], [1, 10**6], strict=True)
+    assert issubclass(UnknownItemError, InputError)
+    assert engine.score(caches[0], [1, 2], strict=True).shape == (2,)
+
+
+BAD_CANDIDATES = {
+    "negative": [1, -3],
+    "fraction": [1, 2.5],
+    "nan": [1.0, float("nan")],
+    "inf": [float("inf")],
+    "string": ["1", "2"],
+    "mixed": [1, "a"],
+    "bool": [True, 2],
+    "bool-array": np.array([True, False]),
+    "none": [1, None],
+    "2d-list": [[1, 2], [3, 4]],
+    "2d-tensor": torch.tensor([[1, 2]]),
+    "float-tensor-fraction": torch.tensor([1.5]),
+    "bool-tensor": torch.tensor([True]),
+    "scalar": 5,
+    "0d-tensor": torch.tensor(5),
+    "str": "123",
+    "complex": np.array([1 + 2j]),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CANDIDATES))
+def test_bad_candidates_raise_input_error(engine, caches, name):
+    before = caches[0].k.clone()
+    with pytest.raises(InputError):
+        engine.score(caches[0], BAD_CANDIDATES[name])
+    with pytest.raises(InputError):
+        engine.score_many([caches[0], caches[1]], [[1], BAD_CANDIDATES[name]])
+    assert torch.equal(caches[0].k, before)
+
+
+BAD_HISTORIES = {
+    "lengths": {"item_id": [1, 2, 3], "rating": [4, 5, 3], "timestamp": [1, 2]},
+    "rating-length": {"item_id": [1, 2], "rating": [4], "timestamp": [1, 2]},
+    "timestamps-text": {"item_id": [1, 2], "rating": [4, 5], "timestamp": ["x", "y"]},
+    "timestamps-nan": {"item_id": [1, 2], "rating": [4, 5], "timestamp": [1.0, float("nan")]},
+    "negative-item": {"item_id": [1, -2], "rating": [4, 5], "timestamp": [1, 2]},
+    "fraction-item": {"item_id": [1, 2.5], "rating": [4, 5], "timestamp": [1, 2]},
+    "no-rating": {"item_id": [1, 2], "timestamp": [1, 2]},
+    "unknown-rating": {"item_id": [1, 2], "rating": [4, 9], "timestamp": [1, 2]},
+    "no-items": {"rating": [4], "timestamp": [1]},
+    "2d": {"item_id": [[1, 2]], "rating": [[4, 5]], "timestamp": [[1, 2]]},
+    "ragged": {"item_id": [1, [2]], "rating": [4, 5], "timestamp": [1, 2]},
+    "not-a-mapping": [1, 2, 3],
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_HISTORIES))
+def test_bad_histories_raise_input_error(engine, name):
+    with pytest.raises(InputError):
+        engine.encode_user(BAD_HISTORIES[name])
+
+
+def test_score_many_argument_errors(engine, caches):
+    with pytest.raises(InputError, match="2 caches but 1"):
+        engine.score_many(caches[:2], [[1]])
+    with pytest.raises(InputError):
+        engine.score_many(caches[0], [[1]])
+
+
+def test_cache_from_another_model_is_refused(engine, tiny, caches):
+    torch.manual_seed(9)
+    other_model = _perturbed(SRP4CTR(ModelSpec.from_dataset(tiny), ModelConfig(**TINY)), 2)
+    other = Engine.from_model(other_model, tiny)
+    foreign = other.encode_user(raw_history(tiny, 1))
+    with pytest.raises(CacheError, match="another|encode the user again"):
+        engine.score(foreign, [1, 2])
+    with pytest.raises(CacheError):
+        engine.score_many([caches[0], foreign], [[1], [2]])
+    with pytest.raises(CacheError):
+        engine.score("not a cache", [1])
+    bf = Engine.load(engine.checkpoint, dataset=tiny, dtype=torch.bfloat16)
+    with pytest.raises(CacheError, match="dtype"):
+        bf.score(caches[0], [1])
+
+
+def test_cache_with_nan_is_refused(engine, tiny):
+    cache = engine.encode_user(raw_history(tiny, 3))
+    good = engine.score(cache, [1, 2])
+    cache.v[1, 0, 0, 0] = float("nan")  # in place: the next check sees it
+    with pytest.raises(CacheError, match="NaN"):
+        engine.score(cache, [1, 2])
+    cache.v[1, 0, 0, 0] = 0.0
+    engine.score(cache, [1, 2])
+    bad = UserCache(cache.k, cache.v, torch.full_like(cache.head_user, float("inf")),
+                    cache.qtokens, fingerprint=cache.fingerprint)
+    with pytest.raises(CacheError, match="head_user"):
+        engine.score(bad, [1])
+    assert good.shape == (2,)
+
+
+def test_concurrent_scoring_equals_serial(engine, caches):
+    rng = np.random.default_rng(4)
+    jobs = [(i % len(caches), rng.integers(1, 62, size=int(rng.integers(0, 80))))
+            for i in range(96)]
+    serial = [engine.score(caches[c], ids) for c, ids in jobs]
+    results: list = [None] * len(jobs)
+    errors: list = []
+
+    def work(t: int) -> None:
+        try:
+            for j in range(t, len(jobs), 8):
+                c, ids = jobs[j]
+                results[j] = engine.score(caches[c], ids)
+        except Exception as e:  # noqa: BLE001 - any failure in a thread is reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    for a, b in zip(results, serial):
+        assert torch.equal(a, b)
+
+
+def test_bfloat16_mode_is_close(engine, tiny, caches):
+    bf = Engine.load(engine.checkpoint, dataset=tiny, dtype="bfloat16")
+    h = raw_history(tiny, 1)
+    c = bf.encode_user(h)
+    assert c.dtype == torch.bfloat16
+    cands = list(range(1, 62))
+    p = bf.score(c, cands)
+    assert p.dtype == torch.float32
+    assert close(p, engine.score(caches[0], cands), 3e-2)
+
+
+def test_logits_option(engine, caches):
+    lg = engine.score(caches[0], [1, 2, 3], logits=True)
+    assert close(torch.sigmoid(lg), engine.score(caches[0], [1, 2, 3]), 1e-7)
+    many = engine.score_many(caches[:2], [[1], [2, 3]], logits=True)
+    assert close(torch.sigmoid(many[1]), engine.score(caches[1], [2, 3]), 1e-7)
