@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from srp4ctr.engine import Engine
 
 from srp4ctr import data
+from srp4ctr.engine import Engine
 from srp4ctr.models import SRP4CTR, ModelConfig, ModelSpec, flops_per_request
 
 THREADS = 2

@@ -23,9 +23,8 @@
 Importing this package never imports triton nor touches a GPU.
 """
 
-from srp4ctr.kernels import BackendUnavailableError
-
 from srp4ctr.errors import CacheError, CheckpointError, InputError, UnknownItemError
+from srp4ctr.kernels import BackendUnavailableError
 
 from .backends import (
     BACKENDS,

@@ -27,10 +27,10 @@ import threading
 from collections.abc import Sequence
 
 import torch
-from srp4ctr.kernels import BackendUnavailableError, candidate_tower, triton_available
-from srp4ctr.kernels._backend import interpreting
 
 from srp4ctr.errors import InputError
+from srp4ctr.kernels import BackendUnavailableError, candidate_tower, triton_available
+from srp4ctr.kernels._backend import interpreting
 
 from .cache import UserCache
 from .folded import FoldedModel, tower_torch

@@ -27,10 +27,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from srp4ctr.kernels import TowerLayerParams
 from torch import nn
 
 from srp4ctr.errors import InputError
+from srp4ctr.kernels import TowerLayerParams
 from srp4ctr.models import SRP4CTR
 
 __all__ = ["DEFAULT_MAX_TABLE_BYTES", "FoldedModel", "attention_one_user", "tower_torch"]

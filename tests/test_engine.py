@@ -12,20 +12,16 @@ import threading
 import numpy as np
 import pytest
 import torch
-from srp4ctr.engine import (
-    BackendUnavailableError,
-    Engine,
-    History,
-    UserCache,
-)
-from train_fixtures import write_tiny_ml1m
 
 from srp4ctr import data
 from srp4ctr.data.samples import CTRDataset
+from srp4ctr.engine import BackendUnavailableError, Engine, History, UserCache
 from srp4ctr.errors import CacheError, CheckpointError, InputError, UnknownItemError
 from srp4ctr.models import FGBERT, SRP4CTR, ModelConfig, ModelSpec, build_model
 from srp4ctr.train import TrainConfig, finetune, load_model
 from srp4ctr.train.checkpoint import save_checkpoint
+
+from train_fixtures import write_tiny_ml1m
 
 torch.set_num_threads(1)
 
