@@ -174,8 +174,11 @@ class UserCache:
         return UserCache(**moved, fingerprint=self.fingerprint, user_id=self.user_id)
 
     # ----------------------------------------------------------------------------- checks
-    def _versions(self) -> tuple[int, ...]:
-        return tuple(t._version for t in self.tensors().values())
+    def _versions(self) -> tuple[int, ...] | None:
+        try:
+            return tuple(t._version for t in self.tensors().values())
+        except RuntimeError:  # inference-mode tensors have no version counter: check every time
+            return None
 
     def check_finite(self) -> None:
         """Raise :class:`CacheError` if any tensor holds NaN or inf.
@@ -184,7 +187,7 @@ class UserCache:
         unmodified cache costs nothing; any in-place write makes the next call look again.
         """
         versions = self._versions()
-        if self._finite_at == versions:
+        if versions is not None and self._finite_at == versions:
             return
         for name, t in self.tensors().items():
             if t.numel() and not bool(torch.isfinite(t).all()):

@@ -565,3 +565,68 @@ def test_logits_option(engine, caches):
     assert close(torch.sigmoid(lg), engine.score(caches[0], [1, 2, 3]), 1e-7)
     many = engine.score_many(caches[:2], [[1], [2, 3]], logits=True)
     assert close(torch.sigmoid(many[1]), engine.score(caches[1], [2, 3]), 1e-7)
+
+
+def test_generic_dataset_with_string_ids_and_behaviour_types(tmp_path):
+    """A csv dataset (string item ids, Taobao-style behaviour types, a category column)."""
+    rng = np.random.default_rng(0)
+    lines = ["uid,iid,ts,act,cat"]
+    for u in range(1, 9):
+        t = 1_600_000_000
+        for i in rng.choice(30, size=20, replace=False):
+            t += int(rng.integers(1, 9000))
+            act = ["pv", "pv", "cart", "fav", "buy"][int(rng.integers(0, 5))]
+            lines.append(f"u{u},item-{i},{t},{act},c{i % 4}")
+    (tmp_path / "log.csv").write_text("\n".join(lines) + "\n")
+    ds = data.prepare("csv", path=str(tmp_path / "log.csv"), data_dir=str(tmp_path / "c"),
+                      columns="user=uid,item=iid,timestamp=ts,behavior=act,category=cat",
+                      progress=False)
+    assert ds.kind == "behavior" and ds.item_raw.dtype.kind not in "iu"
+    torch.manual_seed(5)
+    m = _perturbed(SRP4CTR(ModelSpec.from_dataset(ds), ModelConfig(**TINY)), seed=6)
+    eng = Engine.from_model(m, ds)
+    h = {"item_id": ["item-3", "item-7", "item-99"], "timestamp": [1, 50, 900],
+         "behavior": ["pv", "buy", "cart"], "user_id": "u2"}
+    cands = ["item-1", "item-3", "nope"]
+    p = eng.score(eng.encode_user(h), cands)
+    assert close(p, model_probs(m, ds, h, cands))
+    with pytest.raises(UnknownItemError):
+        eng.score(eng.encode_user(h), cands, strict=True)
+    with pytest.raises(InputError):
+        eng.encode_user({**h, "behavior": ["pv", "buy", "teleport"]})
+    with pytest.raises(InputError):
+        eng.score(eng.encode_user(h), [[1, 2]])
+
+
+def test_caches_built_under_inference_mode(engine, tiny):
+    with torch.inference_mode():
+        c = engine.encode_user(raw_history(tiny, 1))
+        p = engine.score(c, [1, 2])
+    assert close(engine.score(c, [1, 2]), p, 0.0)
+
+
+def test_user_kv_is_never_copied_per_candidate(engine, model, tiny, caches):
+    """No allocation while scoring is as large as one copy of the user's K/V per candidate
+    (the per-candidate gather the training path does is, as the profiler shows)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = caches[0]
+    C = 2000
+    cands = np.random.default_rng(5).integers(1, 61, size=C)
+    one_kv_copy = C * cache.length * engine.config.d_model * 4
+
+    def largest_allocation(fn) -> int:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        return max(e.cpu_memory_usage for e in prof.events())
+
+    big = Engine.load(engine.checkpoint, dataset=tiny, chunk_size=C)  # one chunk
+    assert largest_allocation(lambda: big.score(cache, cands)) < one_kv_copy
+
+    batch = big._batch([tiny.encode_user_history(raw_history(tiny, 1), max_len=16)])
+    with torch.no_grad():
+        state = model.encode_users(batch)
+        ids = torch.as_tensor(tiny.encode_items(cands))
+        gather = largest_allocation(
+            lambda: model.score_candidates(state, ids, torch.zeros(C, dtype=torch.long)))
+    assert gather >= one_kv_copy
