@@ -329,8 +329,8 @@ class Engine:
         return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
 
     # ------------------------------------------------------------------ users
-    def _history_arrays(self, history: Any, user_id: Any) -> dict[str, np.ndarray]:
-        d = as_history_dict(history, user_id)
+    def _history_arrays(self, history: Any, user_id: Any = None) -> dict[str, np.ndarray]:
+        d = history if isinstance(history, _Normalised) else as_history_dict(history, user_id)
         try:
             return self.dataset.encode_user_history(d, max_len=self.max_len)
         except InputError:
@@ -402,9 +402,8 @@ class Engine:
             InputError: mismatched lengths, non-numeric timestamps, negative or non-integer item
                 ids, unknown behaviour values, non-1-D sequences.
         """
-        arrays = self._history_arrays(history, user_id)
-        uid = as_history_dict(history, user_id).get("user_id")
-        return self._caches([arrays], [_jsonable(uid)])[0]
+        d = _Normalised(as_history_dict(history, user_id))
+        return self._caches([self._history_arrays(d)], [_jsonable(d.get("user_id"))])[0]
 
     def encode_users(self, histories: Sequence[Any]) -> list[UserCache]:
         """:meth:`encode_user` for many users in one padded FG-BERT batch (the training layout);
@@ -413,9 +412,9 @@ class Engine:
             raise InputError("histories must be a sequence of histories")
         if not histories:
             return []
-        arrays = [self._history_arrays(h, None) for h in histories]
-        uids = [_jsonable(as_history_dict(h).get("user_id")) for h in histories]
-        return self._caches(arrays, uids)
+        norm = [_Normalised(as_history_dict(h)) for h in histories]
+        arrays = [self._history_arrays(d) for d in norm]
+        return self._caches(arrays, [_jsonable(d.get("user_id")) for d in norm])
 
     # ------------------------------------------------------------------ caches
     def check_cache(self, cache: Any, *, move: bool = True, where: str = "") -> UserCache:
@@ -543,6 +542,10 @@ class Engine:
             max_len = max(max_len, n)
         flush()
         return [r if logits else torch.sigmoid(r) for r in results]
+
+
+class _Normalised(dict):
+    """A history already through :func:`as_history_dict`."""
 
 
 def _row(t: torch.Tensor | None, i: int, dtype: torch.dtype) -> torch.Tensor | None:
