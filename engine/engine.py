@@ -166,7 +166,8 @@ class Engine:
         backend: the scoring backend's name (``"torch"``, ``"triton"``).
         max_len: histories are cut to their last ``max_len`` interactions.
         max_chunk_bytes, chunk_size: the memory budget for one scoring chunk (or a fixed number
-            of candidates per chunk); results do not depend on them.
+            of candidates per chunk); results depend on them only through the fp32 rounding of
+            matrix products of other row counts (BLAS picks kernels by size).
     """
 
     def __init__(self, model, dataset, *, fingerprint: str, device: Any = "cpu",
@@ -229,7 +230,7 @@ class Engine:
                 under ``data_dir`` (default: ``$SRP4CTR_DATA_DIR``, else the user cache folder).
             max_chunk_bytes / chunk_size: working-memory budget of one scoring chunk (default
                 :data:`DEFAULT_MAX_CHUNK_BYTES` of the device type), or a fixed number of
-                candidates per chunk. Results do not depend on either.
+                candidates per chunk. Results do not depend on them beyond fp32 rounding.
             fold_items: build the per-item tables (``"auto"``: when they fit ``max_table_bytes``).
 
         Raises:
@@ -250,8 +251,7 @@ class Engine:
                 f"{path}: a {kind!r} checkpoint{hint}; the engine serves SRP4CTR fine-tuning "
                 f"checkpoints (kind {SERVING_KIND!r})"
             )
-        _as_device(device)  # a bad device fails before any loading
-        resolve_backend(backend, _as_device(device))
+        resolve_backend(backend, _as_device(device))  # bad arguments fail before any loading
         ds = _resolve_dataset(path, cfg.get("dataset") or {}, dataset, data_dir)
         model, cfg = load_model(path, dataset_fingerprint=ds.fingerprint)
         return cls(model, ds, fingerprint=cfg["weights_sha256"], device=device, backend=backend,
@@ -262,8 +262,9 @@ class Engine:
     def from_model(cls, model, dataset, *, fingerprint: str | None = None, **kwargs) -> Engine:
         """An engine for an in-memory SRP4CTR ``model`` and its prepared ``dataset``.
 
-        ``fingerprint`` defaults to the sha256 of the model's state dict; ``kwargs`` as
-        :meth:`load`.
+        The engine takes the model over: it is moved to the engine's device (fp32) and put in
+        eval mode. ``fingerprint`` defaults to the sha256 of the model's state dict; ``kwargs``
+        as :meth:`load`.
         """
         fp = model_fingerprint(model) if fingerprint is None else fingerprint
         return cls(model, dataset, fingerprint=fp, **kwargs)
@@ -475,7 +476,8 @@ class Engine:
 
         Returns:
             float32 ``[C]`` on the engine's device, in the order of ``candidates``. Large lists
-            are scored in chunks (see :meth:`chunk_candidates`) with the same results.
+            are scored in chunks (see :meth:`chunk_candidates`) with the same results (up to the
+            fp32 rounding of matrix products with other row counts).
 
         Raises:
             CacheError: a cache from another model, or with NaN/inf.
@@ -495,7 +497,8 @@ class Engine:
 
         Users are batched jagged (offsets; nothing padded to the longest user or list) into
         chunks under the same memory budget. Returns one float32 tensor per user, equal to
-        ``score(caches[b], candidate_lists[b])``. Every input is checked before any work.
+        ``score(caches[b], candidate_lists[b])`` (up to fp32 rounding). Every input is checked
+        before any work, so a bad one fails the call with nothing computed.
         """
         if isinstance(caches, UserCache) or not isinstance(caches, Sequence):
             raise InputError("score_many takes a sequence of caches (use score for one user)")
