@@ -21,6 +21,10 @@ Providers (every one with ``torch.set_num_threads(THREADS)``):
 - ``engine_bf16_cached``: ``engine_cached`` in the engine's bfloat16 mode (not exact: its largest
   probability difference from fp32 is recorded as ``max_abs_diff``).
 
+``test_request_latency`` times each provider on its own (pytest-benchmark rows);
+``test_interleaved_ratios`` times all of them round-robin in one loop and stores the medians and
+the ratios in ``extra_info`` — the figures to quote on a shared machine.
+
 ``benchmark.extra_info`` records shapes, analytic FLOPs (:func:`srp4ctr.models.flops_per_request`),
 the provider, thread count (``SRP4CTR_BENCH_THREADS``, default 2), ``OMP_WAIT_POLICY``, the load
 average, machine and versions. Compare ratios within one run: the machines are shared and noisy.
@@ -37,6 +41,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import platform
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 
@@ -133,24 +138,21 @@ def _eager_folded(model, batch1, cand, state=None):
 
 PROVIDERS = ("naive", "eager_folded", "engine", "eager_folded_cached", "engine_cached",
              "engine_bf16_cached")
+EXACT = tuple(p for p in PROVIDERS if p != "engine_bf16_cached")
+# pairs (faster, slower) whose ratio the interleaved test reports
+RATIOS = (("engine", "naive"), ("engine", "eager_folded"),
+          ("engine_cached", "eager_folded_cached"), ("engine_bf16_cached", "engine_cached"))
 
 
-@pytest.mark.parametrize("C", CANDIDATES)
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_request_latency(benchmark, setup, provider, C):
-    torch.set_num_threads(THREADS)
-    model, engine, ds = setup["model"], setup["engine"], setup["ds"]
-    raw = setup["raw"][C]
-    batch1 = setup["batch1"]
+def _calls(setup, C):
+    """The providers' callables for C candidates, and the reference probabilities."""
+    model, engine, bf16, ds = setup["model"], setup["engine"], setup["engine_bf16"], setup["ds"]
+    raw, batch1, history = setup["raw"][C], setup["batch1"], setup["history"]
     cand = torch.as_tensor(ds.encode_items(raw))
-    history = setup["history"]
-    cache = engine.encode_user(history)
+    cache, cache16 = engine.encode_user(history), bf16.encode_user(history)
     with torch.no_grad():
         state = model.encode_users(batch1)
         reference = _eager_folded(model, batch1, cand, state)
-
-    bf16 = setup["engine_bf16"]
-    cache16 = bf16.encode_user(history)
     calls = {
         "naive": partial(_naive, model, batch1, cand),
         "eager_folded": partial(_eager_folded, model, batch1, cand),
@@ -159,35 +161,80 @@ def test_request_latency(benchmark, setup, provider, C):
         "engine_cached": partial(engine.score, cache, raw),
         "engine_bf16_cached": partial(bf16.score, cache16, raw),
     }
-    fn = calls[provider]
+    return calls, reference
 
-    with torch.no_grad():
-        out = fn()
-        max_abs_diff = (out - reference).abs().max().item()
-        if provider != "engine_bf16_cached":
-            assert max_abs_diff <= 1e-5  # every exact provider computes the same
-        slow = provider == "naive" and C >= 1000
-        benchmark.pedantic(fn, rounds=3 if slow else 15, warmup_rounds=1, iterations=1)
 
-    cfg = setup["cfg"]
+def _info(setup, C, provider=None) -> dict:
+    cfg, ds, engine = setup["cfg"], setup["ds"], setup["engine"]
     flops = flops_per_request("srp4ctr", cfg, HIST, C, n_user_fields=len(ds.user_fields))
-    naive_flops = C * (flops.user + flops.per_candidate)
-    benchmark.group = f"C={C}"
-    benchmark.extra_info.update({
-        "provider": provider,
+    info = {
         "C": C,
         "history": HIST,
         "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
         "n_queries": cfg.n_queries, "head_hidden": list(cfg.head_hidden),
-        "flops_model": naive_flops if provider == "naive" else (
-            flops.per_candidate * C if provider.endswith("_cached") else flops.total),
         "flops_user": flops.user, "flops_per_candidate": flops.per_candidate,
         "engine_backend": engine.backend, "engine_chunk": engine.chunk_candidates(HIST),
-        "max_abs_diff": max_abs_diff,
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "loadavg_1m": os.getloadavg()[0],
         "machine": platform.machine(), "processor": platform.processor(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__,
         "python": platform.python_version(),
-    })
+    }
+    if provider is not None:
+        info["provider"] = provider
+        info["flops_model"] = (C * (flops.user + flops.per_candidate) if provider == "naive"
+                               else flops.per_candidate * C if provider.endswith("_cached")
+                               else flops.total)
+    return info
+
+
+@pytest.mark.parametrize("C", CANDIDATES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_request_latency(benchmark, setup, provider, C):
+    """One provider, timed by pytest-benchmark (median over the rounds)."""
+    torch.set_num_threads(THREADS)
+    calls, reference = _calls(setup, C)
+    fn = calls[provider]
+    with torch.no_grad():
+        max_abs_diff = (fn() - reference).abs().max().item()
+        if provider in EXACT:
+            assert max_abs_diff <= 1e-5  # every exact provider computes the same
+        slow = provider == "naive" and C >= 1000
+        benchmark.pedantic(fn, rounds=3 if slow else 15, warmup_rounds=1, iterations=1)
+    benchmark.group = f"C={C}"
+    benchmark.extra_info.update(_info(setup, C, provider), max_abs_diff=max_abs_diff)
+
+
+@pytest.mark.parametrize("C", CANDIDATES)
+def test_interleaved_ratios(benchmark, setup, C):
+    """All providers in one loop, round-robin (rotating the order each round), so that load
+    changes on a shared machine hit every provider alike; medians and ratios go to
+    ``extra_info`` (``medians_ms``, ``ratios``: slower / faster). The benchmark row itself is
+    one timed call of ``engine_cached``."""
+    torch.set_num_threads(THREADS)
+    calls, _ = _calls(setup, C)
+    rounds = 15
+    naive_rounds = 15 if C <= 100 else 3
+    times: dict[str, list[float]] = {p: [] for p in PROVIDERS}
+    with torch.no_grad():
+        for fn in calls.values():  # warm-up
+            fn()
+        for r in range(rounds):
+            order = PROVIDERS[r % len(PROVIDERS):] + PROVIDERS[: r % len(PROVIDERS)]
+            for p in order:
+                if p == "naive" and r >= naive_rounds:
+                    continue
+                t0 = time.perf_counter()
+                calls[p]()
+                times[p].append(time.perf_counter() - t0)
+        benchmark.pedantic(calls["engine_cached"], rounds=1, iterations=1)
+    med = {p: 1e3 * float(np.median(t)) for p, t in times.items()}
+    benchmark.group = f"interleaved C={C}"
+    benchmark.extra_info.update(
+        _info(setup, C),
+        provider="interleaved",
+        rounds={p: len(t) for p, t in times.items()},
+        medians_ms=med,
+        ratios={f"{slow}/{fast}": med[slow] / med[fast] for fast, slow in RATIOS},
+    )
