@@ -150,9 +150,19 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
     ds = _load_dataset(args)
     models = args.models.split(",") if args.models else None
-    res = run_experiment(ds, args.out, seeds=args.seeds, models=models,
-                         model_config=_model_config(args), train_config=_train_config(args),
-                         resume=not args.no_resume, progress=not args.quiet)
+    from srp4ctr.train import TrainConfig
+    from srp4ctr.train.experiment import default_pretrain_config
+
+    tcfg = _train_config(args)
+    pcfg = default_pretrain_config(tcfg).to_dict()
+    for name in ("epochs", "batch_size", "lr"):
+        v = getattr(args, f"pretrain_{name}")
+        if v is not None:
+            pcfg[name] = v
+    run_experiment(ds, args.out, seeds=args.seeds, models=models,
+                   model_config=_model_config(args), train_config=tcfg,
+                   pretrain_config=TrainConfig.from_dict(pcfg),
+                   resume=not args.no_resume, progress=not args.quiet)
     print((Path(args.out) / "results.md").read_text())
     return 0
 
@@ -244,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_ex.add_argument("--out", required=True, help="output directory")
     p_ex.add_argument("--models", help="comma-separated subset of the model keys")
     p_ex.add_argument("--no-resume", action="store_true", help="ignore finished runs in OUT")
+    p_ex.add_argument("--pretrain-epochs", type=int, help="pre-training epochs (default 30)")
+    p_ex.add_argument("--pretrain-batch-size", type=int, help="pre-training batch (default 64)")
+    p_ex.add_argument("--pretrain-lr", type=float, help="pre-training learning rate")
     _add_train_args(p_ex)
     p_ex.set_defaults(func=_cmd_experiment)
 

@@ -60,7 +60,7 @@ def protocol_text(ds, max_len: int, seeds: list[int], negatives: str | None) -> 
 def run_experiment(
     ds, out: str | os.PathLike, *, seeds: int | list[int] = 5, models: list[str] | None = None,
     model_config=None, train_config: TrainConfig | None = None, resume: bool = True,
-    progress: bool = True, pretrain_epochs: int | None = None,
+    progress: bool = True, pretrain_config: TrainConfig | None = None,
 ) -> dict:
     from srp4ctr.models import ModelConfig
     from srp4ctr.train.loop import finetune, pretrain
@@ -76,6 +76,7 @@ def run_experiment(
         raise InputError(f"unknown model keys {unknown}; known: {list(VARIANTS)}")
     mcfg = model_config or ModelConfig()
     tcfg = train_config or TrainConfig()
+    pcfg = pretrain_config or default_pretrain_config(tcfg)
     results_path = out / "results.json"
     results = _load(results_path) if resume else None
     if results is None or results.get("dataset") != ds.name or results.get("fingerprint") != ds.fingerprint:
@@ -84,6 +85,7 @@ def run_experiment(
     results["protocol"] = protocol_text(ds, mcfg.max_len, seeds, tcfg.negatives)
     results["model_config"] = mcfg.to_dict()
     results["train_config"] = tcfg.to_dict()
+    results["pretrain_config"] = pcfg.to_dict()
     results["machine"] = machine_info()
     results["seeds"] = seeds
     t_start = time.perf_counter()
@@ -97,8 +99,7 @@ def run_experiment(
             done = results["pretrain"].get(pkind, {}).get(str(seed))
             if done is not None and (pdir / "config.json").exists():
                 continue
-            ptc = tc if pretrain_epochs is None else TrainConfig.from_dict(
-                {**tc.to_dict(), "epochs": pretrain_epochs})
+            ptc = TrainConfig.from_dict({**pcfg.to_dict(), "seed": seed, "progress": progress})
             r = pretrain(ds, pdir, model_config=mcfg, train_config=ptc, kind=pkind)
             results["pretrain"].setdefault(pkind, {})[str(seed)] = _slim(r)
             _save(results_path, results)
@@ -130,6 +131,12 @@ def run_experiment(
     write_markdown(out / "results.md", results)
     plot_results(out / "results.png", results)
     return results
+
+
+def default_pretrain_config(finetune: TrainConfig) -> TrainConfig:
+    """Pre-training sees ~1k sequences per epoch on MovieLens-100k: small batches, more epochs."""
+    return TrainConfig.from_dict({**finetune.to_dict(), "batch_size": 64, "epochs": 30,
+                                  "patience": 3, "max_steps_per_epoch": None})
 
 
 def _slim(r: dict) -> dict:

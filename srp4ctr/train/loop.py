@@ -332,12 +332,13 @@ def _dataset_info(ds) -> dict:
 
 def pretrain(
     ds, out_dir: str | os.PathLike | None, *, model_config=None, train_config: TrainConfig | None = None,
-    kind: str = "fgbert",
+    kind: str = "fgbert", windows: bool = True,
 ) -> dict:
     """Pre-train FG-BERT (``kind="fgbert"``) or the item-id-only BERT (``"bert"``).
 
-    Only each user's training interactions are seen. Validation: next-item NDCG@10 (full
-    ranking) of each user's first validation item; the best epoch is kept and evaluated on the
+    Only each user's training interactions are seen: the last ``max_len`` of them and, with
+    ``windows``, every earlier non-overlapping ``max_len`` window of long users. Validation:
+    next-item NDCG@10 (full ranking) of each user's first validation item; the best epoch is kept and evaluated on the
     first test item. Writes a checkpoint, ``metrics.json`` and ``curves.png`` to ``out_dir``.
     """
     from srp4ctr.data.samples import NextItemDataset, PretrainDataset
@@ -355,7 +356,7 @@ def pretrain(
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     spec = ModelSpec.from_dataset(ds)
     model = FGBERT(spec, mcfg).to(cfg.device)
-    train_set = PretrainDataset(ds, max_len=mcfg.max_len)
+    train_set = PretrainDataset(ds, max_len=mcfg.max_len, windows=windows)
     valid_set = NextItemDataset(ds, split="valid", max_len=mcfg.max_len, n_negatives=100,
                                 seed=cfg.seed)
     test_set = NextItemDataset(ds, split="test", max_len=mcfg.max_len, n_negatives=100,
