@@ -461,8 +461,10 @@ class Engine:
         C = ids.shape[0]
         if C <= step:
             return self._backend.score_one(cache, ids)
-        return torch.cat([self._backend.score_one(cache, ids[s : s + step])
-                          for s in range(0, C, step)])
+        out = torch.empty(C, dtype=self.dtype, device=self.device)
+        for s in range(0, C, step):
+            out[s : s + step] = self._backend.score_one(cache, ids[s : s + step])
+        return out
 
     def score(self, cache: UserCache, candidates: Any, strict: bool = False, *,
               logits: bool = False) -> torch.Tensor:

@@ -145,8 +145,9 @@ class FoldedModel:
     def head(self, zn: torch.Tensor | None, hz0: torch.Tensor, head_user: torch.Tensor
              ) -> torch.Tensor:
         """Logits [N] from the tower output zn [N, d] (None without a tower), the z0 block
-        hz0 [N, h1] and the user block head_user ([h1] or [N, h1])."""
-        h = hz0 + head_user
+        hz0 [N, h1] (consumed: overwritten in place) and the user block head_user ([h1] or
+        [N, h1])."""
+        h = hz0.add_(head_user)  # hz0 is a fresh gather (or computed) per call: safe in place
         if zn is not None:
             h = torch.addmm(h, zn, self.head_zn.t())
         for w, b in self.rest:
