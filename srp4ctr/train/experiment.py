@@ -226,11 +226,11 @@ def write_markdown(path: Path, results: dict) -> None:
                 f"{_mean_std([x['ndcg@10_sampled100'] for x in t])} |"
             )
     lines += ["", "## Cost per request (analytic FLOPs, user side computed once)", "",
-              "| model | candidates | user-side FLOPs | candidate-side FLOPs | total |",
+              "| model | candidates | user-side FLOPs (once) | FLOPs per candidate | total |",
               "|---|---|---|---|---|"]
     for r in results["cost"]:
         lines.append(f"| {r['model']} | {r['candidates']} | {r['user']:.3g} | "
-                     f"{r['candidates_total']:.3g} | {r['total']:.3g} |")
+                     f"{r['per_candidate']:.3g} | {r['total']:.3g} |")
     if results.get("throughput"):
         lines += ["", "## Training throughput", "", "| what | per second |", "|---|---|"]
         for k, v in results["throughput"].items():
