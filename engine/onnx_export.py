@@ -390,6 +390,10 @@ def _save_graph(proto, path: Path, fingerprint: str, role: str, external: Any) -
     """Check and write one graph; big weights go to ``<name>.data``. Returns the files."""
     import onnx
 
+    # the lowest IR version the opsets allow (the exporter writes the newest), so that older
+    # runtimes load the graph
+    lowest = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+    proto.ir_version = min(proto.ir_version, lowest)
     del proto.metadata_props[:]
     for key, value in (("srp4ctr.role", role), ("srp4ctr.model_fingerprint", fingerprint)):
         proto.metadata_props.add(key=key, value=value)
@@ -476,7 +480,7 @@ def export_engine(engine, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OP
     manifest = _manifest(engine, model, fm, encoder, scorer, opset, variant)
 
     def write(tmp: Path) -> None:
-        files = {}
+        files, proto_of = {}, {"user_encoder": enc_proto, "scorer": sc_proto}
         for role, proto, name in (("user_encoder", enc_proto, ENCODER_FILE),
                                   ("scorer", sc_proto, SCORER_FILE)):
             written = _save_graph(proto, tmp / name, engine.fingerprint, role, external_data)
@@ -484,6 +488,7 @@ def export_engine(engine, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OP
         _write_side_files(tmp, ds, manifest)
         for role in ("user_encoder", "scorer"):
             g = manifest["graphs"][role]
+            g["ir_version"] = int(proto_of[role].ir_version)
             g["sha256"] = _sha256(files[role][0])
             g["bytes"] = files[role][0].stat().st_size
             if len(files[role]) > 1:
@@ -650,7 +655,6 @@ def _manifest(engine, model, fm: FoldedModel, encoder: UserEncoderGraph, scorer:
                     "n_users": int(ds.n_users)},
         "model_config": cfg.to_dict(),
         "opset": opset,
-        "ir_version": int(onnx.IR_VERSION),
         "attention": variant,
         "dims": {
             "NL": NL, "H": H, "Dh": Dh, "d": d, "h1": h1, "M": M if model.qformer else 0,

@@ -213,6 +213,7 @@ def test_export_folder_manifest_and_graphs(cli_run, exported, ckpt, tiny):
         meta = {p.key: p.value for p in proto.metadata_props}
         assert meta["srp4ctr.model_fingerprint"] == m["model_fingerprint"]
         assert {o.domain: o.version for o in proto.opset_import}[""] == 20
+        assert proto.ir_version == graph["ir_version"] == 9  # the lowest opset 20 allows
         for vi, io_spec in zip(proto.graph.input, graph["inputs"]):
             assert vi.name == io_spec["name"]
             dims = [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
