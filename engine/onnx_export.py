@@ -540,7 +540,7 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     """
     from .engine import Engine
 
-    engine = Engine.load(checkpoint_dir, dataset=dataset, data_dir=data_dir, fold_items=True)
+    engine = Engine.load(checkpoint_dir, dataset=dataset, data_dir=data_dir)
     return export_engine(engine, out_dir, opset=opset, attention=attention, verify=verify,
                          external_data=external_data)
 

@@ -325,8 +325,9 @@ def test_export_refusals(ckpt, root, tiny, exported):
 @pytest.mark.parametrize("config", [{"use_xattn": False}, {"use_qformer": False}],
                          ids=["no-xattn", "no-qformer"])
 def test_ablations_export_and_serve(tiny, root, config):
-    """Without the tower (no k/v, a pooled output) and without the Q-Former (no qtokens, no
-    user inputs): exported, verified and served like the full model."""
+    """Without the tower (no k/v, a pooled output; weights in external data files) and without
+    the Q-Former (no qtokens, no user inputs): exported, verified and served like the full
+    model."""
     torch.manual_seed(3)
     cfg = ModelConfig(**{**CONFIG, "max_len": 32, **config})
     model = SRP4CTR(ModelSpec.from_dataset(tiny), cfg).eval()
@@ -336,8 +337,11 @@ def test_ablations_export_and_serve(tiny, root, config):
             p.add_(torch.randn(p.shape, generator=g) * 0.3)
     eng = Engine.from_model(model, tiny)
     out = root / f"abl-{'-'.join(config)}"
-    m = export_engine(eng, out, attention="matmul")
+    external = not cfg.use_xattn  # one of them keeps its weights in side files
+    m = export_engine(eng, out, attention="matmul", external_data=external)
     names = [o["name"] for o in m["graphs"]["user_encoder"]["outputs"]]
+    data_files = sorted(p.name for p in out.glob("*.onnx.data"))
+    assert data_files == (["scorer.onnx.data", "user_encoder.onnx.data"] if external else [])
     if not cfg.use_xattn:
         assert names == ["head_user", "qtokens", "pooled"] and m["dims"]["NL"] == 0
     else:
