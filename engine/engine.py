@@ -556,7 +556,7 @@ class _Normalised(dict):
 
 def _row(t: torch.Tensor | None, i: int, dtype: torch.dtype) -> torch.Tensor | None:
     """Row i of a per-user state tensor, as its own contiguous tensor in ``dtype``."""
-    return None if t is None else t[i].to(dtype).contiguous()
+    return None if t is None else t[i].detach().to(dtype).contiguous()
 
 
 def _jsonable(user_id: Any) -> Any:

@@ -113,7 +113,6 @@ __all__ = [
     "SCORER_FILE",
     "ScorerGraph",
     "UserEncoderGraph",
-    "add_export_parser",
     "cli_export_onnx",
     "export_engine",
     "export_onnx",
@@ -781,36 +780,6 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------
 # command line: ``srp4ctr export-onnx``
-
-
-def add_export_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``export-onnx`` on the ``srp4ctr`` command's subparsers."""
-    p = subparsers.add_parser(
-        "export-onnx",
-        help="export a fine-tuned SRP4CTR checkpoint to ONNX (user encoder + scorer)",
-        description="Export a fine-tuning checkpoint to OUT: user_encoder.onnx (history -> "
-        "per-layer K/V, Q-Former tokens, head user block), scorer.onnx (cache + candidate ids "
-        "-> click probabilities), manifest.json and the id maps a torch-free server needs "
-        "(see examples/serve_onnx.py). Both graphs are checked against the engine in ONNX "
-        "Runtime unless --no-verify. Prints the manifest's summary as JSON.",
-    )
-    p.add_argument("checkpoint", help="fine-tuning checkpoint directory (kind srp4ctr)")
-    p.add_argument("--out", required=True, help="output folder (replaced if an earlier export)")
-    p.add_argument("--dataset-dir", default=None,
-                   help="the prepared dataset's folder (default: found under --data-dir by the "
-                   "checkpoint's dataset fingerprint)")
-    p.add_argument("--data-dir", default=None, help="where prepared datasets are cached")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                   help="ONNX opset (default %(default)s)")
-    p.add_argument("--attention", choices=ATTENTION_VARIANTS, default="auto",
-                   help="scorer attention: MatMul/Softmax or the ONNX Attention op (needs "
-                   "--opset 23); default %(default)s = matmul, measured as fast")
-    p.add_argument("--external-data", action="store_true",
-                   help="keep weights in <graph>.onnx.data files (automatic above 1 GiB)")
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip the ONNX Runtime check against the engine")
-    p.set_defaults(func=cli_export_onnx)
-    return p
 
 
 def cli_export_onnx(args: argparse.Namespace) -> int:

@@ -30,7 +30,6 @@ from srp4ctr.engine import Engine
 from srp4ctr.engine.onnx_export import (
     ScorerGraph,
     _to_onnx,
-    add_export_parser,
     export_engine,
     export_onnx,
     read_manifest,
@@ -102,14 +101,13 @@ def engine(ckpt, root):
 def cli_run(ckpt, root):
     """The export, made through the ``srp4ctr export-onnx`` handler: (status, printed JSON,
     folder)."""
-    import argparse
     import contextlib
     import io
 
-    parser = argparse.ArgumentParser(prog="srp4ctr")
-    add_export_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["export-onnx", str(ckpt), "--out", str(root / "onnx"),
-                              "--data-dir", str(root / "cache")])
+    from srp4ctr.cli import build_parser
+
+    args = build_parser().parse_args(["export-onnx", "--run", str(ckpt), "--out",
+                                      str(root / "onnx"), "--data-dir", str(root / "cache")])
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         status = args.func(args)
