@@ -59,6 +59,7 @@ def run_demo(out: str = "srp4ctr-demo", quick: bool = False, data_dir: str | Non
              f"logloss {r['test']['logloss']:.4f}", progress)
     summary["ctr"] = runs
     summary["serving"] = serve_demo(ds, out_dir / "ctr", progress=progress)
+    summary["onnx"] = onnx_demo(ds, out_dir / "ctr", out_dir / "onnx", progress=progress)
     summary["seconds"] = time.perf_counter() - t0
     with open(out_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
@@ -110,6 +111,24 @@ def serve_demo(ds, checkpoint, *, n_users: int = 5, top: int = 5, progress: bool
     lat = np.array([r["encode_ms"] + r["score_ms"] for r in out])
     return {"backend": engine.backend, "threads": torch.get_num_threads(), "users": out,
             "request_ms_median": float(np.median(lat))}
+
+
+def onnx_demo(ds, checkpoint, out, *, progress: bool = True) -> dict:
+    """Export the CTR model to ONNX and check ONNX Runtime against the engine."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        _say("onnxruntime is not installed: ONNX export skipped (pip install 'srp4ctr[onnx]')",
+             progress)
+        return {"skipped": "onnxruntime is not installed"}
+    from srp4ctr.engine.onnx_export import export_onnx
+
+    m = export_onnx(checkpoint, out, dataset=ds)
+    v = m["verification"]
+    _say(f"ONNX export in {out}: ONNX Runtime {v.get('onnxruntime')} vs engine, max abs diff "
+         f"probabilities {v['max_abs_diff']['probs']:.1e}, encoder outputs "
+         f"{v['max_abs_diff']['encoder']:.1e} (tolerance {v['atol']})", progress)
+    return {"out": str(out), "verification": v}
 
 
 def _say(msg: str, enabled: bool) -> None:
