@@ -286,6 +286,7 @@ def _offsets(lengths, device):
 
 def run_correctness(K, run: Run) -> list:
     import torch
+
     from srp4ctr.kernels.reference import (
         candidate_attention_ref,
         candidate_tower_layer_ref,
@@ -525,6 +526,7 @@ def eager_tower(z, kv_per_layer, params_per_layer):
 
 def run_tower(K, run: Run, ceil: dict) -> list:
     import torch
+
     from srp4ctr.kernels.testing import random_tower_params
 
     case, c, length = run.tower_case

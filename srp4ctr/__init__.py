@@ -10,8 +10,8 @@ Importing the package is cheap and never touches a GPU or needs Triton. Sub-pack
 - ``srp4ctr.engine``   the serving engine (encode_user -> UserCache, score)
 """
 
-from srp4ctr.errors import SRP4CTRError, InputError, DataError
+from srp4ctr.errors import DataError, InputError, SRP4CTRError
 
 __version__ = "0.1.0"
 
-__all__ = ["SRP4CTRError", "InputError", "DataError", "__version__"]
+__all__ = ["DataError", "InputError", "SRP4CTRError", "__version__"]

@@ -25,14 +25,14 @@ from srp4ctr.errors import InputError
 
 __all__ = [
     "auc",
+    "ctr_metrics",
     "gauc",
-    "logloss",
     "hit_rate_at_k",
+    "logloss",
     "ndcg_at_k",
     "rank_of_target",
-    "sampled_rank",
     "ranking_metrics",
-    "ctr_metrics",
+    "sampled_rank",
 ]
 
 _TIES = ("pessimistic", "average", "optimistic")

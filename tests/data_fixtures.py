@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import csv
 import shutil
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pytest
@@ -53,8 +53,7 @@ def write_ml_dat(
     (id, gender, age code, occupation code, zip)."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "ratings.dat", "w") as f:
-        for u, i, r, t in ratings:
-            f.write(f"{u}::{i}::{_fmt_rating(r)}::{t}\n")
+        f.writelines(f"{u}::{i}::{_fmt_rating(r)}::{t}\n" for u, i, r, t in ratings)
     if movies is None:
         ids = sorted({i for _, i, _, _ in ratings})
         movies = [
@@ -62,12 +61,10 @@ def write_ml_dat(
             for i in ids
         ]
     with open(folder / "movies.dat", "w", encoding="latin-1") as f:
-        for i, title, g in movies:
-            f.write(f"{i}::{title}::{g}\n")
+        f.writelines(f"{i}::{title}::{g}\n" for i, title, g in movies)
     if users is not None:
         with open(folder / "users.dat", "w") as f:
-            for row in users:
-                f.write("::".join(str(x) for x in row) + "\n")
+            f.writelines("::".join(str(x) for x in row) + "\n" for row in users)
     return folder
 
 

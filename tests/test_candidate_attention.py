@@ -9,11 +9,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from srp4ctr.errors import InputError
 from srp4ctr.kernels import candidate_attention
 from srp4ctr.kernels.reference import candidate_attention_ref
 from srp4ctr.kernels.testing import assert_close, offsets_from_lengths
-
-from srp4ctr.errors import InputError
 
 # Tile sizes the interpreter config uses (kernels/_triton/candidate_attention.py); lengths around
 # them exercise full tiles, masked tails and tile boundaries.

@@ -8,11 +8,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from srp4ctr.errors import InputError
 from srp4ctr.kernels import TowerLayerParams, candidate_tower, candidate_tower_layer
 from srp4ctr.kernels.reference import candidate_tower_layer_ref, candidate_tower_ref
 from srp4ctr.kernels.testing import assert_close, offsets_from_lengths, random_tower_params
-
-from srp4ctr.errors import InputError
 
 BLOCK = 16  # the interpreter config's BLOCK_M/BLOCK_N/BLOCK_F (kernels/_triton/candidate_tower.py)
 HYPOTHESIS = dict(

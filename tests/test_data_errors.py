@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from data_fixtures import dir_entries, random_ratings, write_lines, write_ml_csv, write_ml_dat
 
 from srp4ctr import data
 from srp4ctr.data import dataset as dataset_mod
 from srp4ctr.data import pipeline as prepare_mod
 from srp4ctr.errors import DataError, InputError, UnknownDatasetError
-
-from data_fixtures import dir_entries, random_ratings, write_lines, write_ml_csv, write_ml_dat
 
 
 def _prep(name, path, tmp_path, **kw):

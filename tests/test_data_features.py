@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from data_fixtures import small_ml1m  # noqa: F401  (fixture)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from srp4ctr import data
 from srp4ctr.data import features as F
 from srp4ctr.errors import InputError
-
-from data_fixtures import small_ml1m  # noqa: F401  (fixture)
 
 
 def test_behaviour_features_by_hand():

@@ -7,12 +7,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
-from srp4ctr import data
-from srp4ctr.data import features as F
-from srp4ctr.data import loaders
-from srp4ctr.errors import DataError
-
 from data_fixtures import (
     random_ratings,
     random_taobao,
@@ -22,6 +16,11 @@ from data_fixtures import (
     write_ml_dat,
     write_taobao,
 )
+
+from srp4ctr import data
+from srp4ctr.data import features as F
+from srp4ctr.data import loaders
+from srp4ctr.errors import DataError
 
 
 def check_contract(ds: data.PreparedDataset) -> None:

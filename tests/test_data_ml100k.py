@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_fixtures import dir_entries, ml100k_data_dir, ml100k_wheel  # noqa: F401  (fixtures)
 
 from srp4ctr import data
 from srp4ctr.data import download, loaders
 from srp4ctr.data.pipeline import build
 from srp4ctr.errors import ChecksumError
-
-from data_fixtures import dir_entries, ml100k_data_dir, ml100k_wheel  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 

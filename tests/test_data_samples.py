@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from data_fixtures import small_ml1m  # noqa: F401  (fixture)
 
 from srp4ctr.data.samples import CTRDataset, NextItemDataset, PretrainDataset, collate
 from srp4ctr.errors import InputError
-
-from data_fixtures import small_ml1m  # noqa: F401  (fixture)
 
 
 def _rows(batch):

@@ -13,6 +13,14 @@ import threading
 import numpy as np
 import pytest
 import torch
+from train_fixtures import (
+    TINY,
+    model_probs,
+    perturbed,
+    prepare_tiny,
+    raw_history,
+    write_tiny_ml1m,
+)
 
 from srp4ctr import data
 from srp4ctr.data.samples import CTRDataset
@@ -22,12 +30,8 @@ from srp4ctr.models import FGBERT, SRP4CTR, ModelConfig, ModelSpec, build_model
 from srp4ctr.train import TrainConfig, finetune, load_model
 from srp4ctr.train.checkpoint import save_checkpoint
 
-from train_fixtures import write_tiny_ml1m
-
 torch.set_num_threads(1)
 
-TINY = {"d_model": 16, "n_layers": 2, "n_heads": 2, "max_len": 16, "n_queries": 2,
-        "head_hidden": (16, 8)}
 ATOL = 1e-5
 # Chunking, batching users together or scoring one by one change only the number of rows of each
 # matrix product; BLAS may then pick another kernel (small row counts), so results agree to fp32
@@ -36,15 +40,6 @@ ROUNDING = 2e-6
 
 
 # ----------------------------------------------------------------------------- fixtures
-def _perturbed(model: torch.nn.Module, seed: int, scale: float = 0.3) -> torch.nn.Module:
-    """Random weights with some spread (fresh models score everything near 0.5)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model.eval()
-
-
 def _save(path, model, ds, kind="srp4ctr"):
     """A checkpoint in the layout the trainer writes (``_save_run``)."""
     save_checkpoint(path, model, {
@@ -65,14 +60,13 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(root):
-    src = write_tiny_ml1m(root / "ml-1m")
-    return data.prepare("ml-1m", path=str(src), data_dir=str(root / "cache"), progress=False)
+    return prepare_tiny(root)
 
 
 @pytest.fixture(scope="module")
 def ckpt(root, tiny):
     torch.manual_seed(0)
-    model = _perturbed(SRP4CTR(ModelSpec.from_dataset(tiny), ModelConfig(**TINY)), seed=1)
+    model = perturbed(SRP4CTR(ModelSpec.from_dataset(tiny), ModelConfig(**TINY)), seed=1)
     return _save(root / "ckpt", model, tiny)
 
 
@@ -86,42 +80,6 @@ def model(ckpt, tiny):
     """The training model, rebuilt from the checkpoint by the trainer's loader."""
     m, _ = load_model(ckpt, dataset_fingerprint=tiny.fingerprint)
     return m.eval()
-
-
-def raw_history(ds, user: int, end: int | None = None, user_id: bool = True) -> dict:
-    """User ``user``'s raw interactions (its rows before flat row ``end``), as a caller has them."""
-    rows = ds.user_rows(user)
-    stop = rows.stop if end is None else end
-    sl = slice(rows.start, stop)
-    h = {
-        "item_id": ds.item_raw[ds.item[sl]].tolist(),
-        "rating": np.asarray(ds.value_vocab)[ds.behaviour["rating"][sl] - 1].tolist(),
-        "timestamp": ds.timestamp[sl].tolist(),
-    }
-    if user_id:
-        h["user_id"] = int(ds.user_raw[user])
-    return h
-
-
-def model_probs(model, ds, history: dict, raw_cands) -> torch.Tensor:
-    """The training forward on a batch of C copies of the history (built by the data pipeline)."""
-    arr = ds.encode_user_history(history, max_len=model.config.max_len)
-    cand = torch.as_tensor(ds.encode_items(np.asarray(raw_cands)))
-    C, n = cand.shape[0], int(arr["hist_len"])
-    width = max(n, 1)
-
-    def rows(key):
-        a = np.zeros(width, np.int64)
-        a[:n] = arr[key]
-        return torch.as_tensor(a).expand(C, width)
-
-    batch = {"hist_item": rows("hist_item"), "hist_len": torch.full((C,), n), "cand_item": cand}
-    for f in ds.behaviour_fields:
-        batch[f"hist_{f}"] = rows(f"hist_{f}")
-    for f, t in ds.user_table.items():
-        batch[f"user_{f}"] = torch.full((C,), int(arr.get(f"user_{f}", t[0])))
-    with torch.no_grad():
-        return torch.sigmoid(model(batch))
 
 
 def close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> bool:
@@ -330,7 +288,7 @@ def test_fold_tables_match_the_model(engine, model, tiny):
 def test_ablations_are_served_exactly(tiny, root, config):
     torch.manual_seed(3)
     cfg = ModelConfig(**{**TINY, **config})
-    m = _perturbed(SRP4CTR(ModelSpec.from_dataset(tiny), cfg), seed=4)
+    m = perturbed(SRP4CTR(ModelSpec.from_dataset(tiny), cfg), seed=4)
     path = _save(root / f"abl-{'-'.join(sorted(config))}", m, tiny)
     eng = Engine.load(path, dataset=tiny)
     for u in (1, 9):
@@ -496,7 +454,7 @@ def test_score_many_argument_errors(engine, caches):
 
 def test_cache_from_another_model_is_refused(engine, tiny, caches):
     torch.manual_seed(9)
-    other_model = _perturbed(SRP4CTR(ModelSpec.from_dataset(tiny), ModelConfig(**TINY)), 2)
+    other_model = perturbed(SRP4CTR(ModelSpec.from_dataset(tiny), ModelConfig(**TINY)), 2)
     other = Engine.from_model(other_model, tiny)
     foreign = other.encode_user(raw_history(tiny, 1))
     with pytest.raises(CacheError, match="another|encode the user again"):
@@ -585,7 +543,7 @@ def test_generic_dataset_with_string_ids_and_behaviour_types(tmp_path):
                       progress=False)
     assert ds.kind == "behavior" and ds.item_raw.dtype.kind not in "iu"
     torch.manual_seed(5)
-    m = _perturbed(SRP4CTR(ModelSpec.from_dataset(ds), ModelConfig(**TINY)), seed=6)
+    m = perturbed(SRP4CTR(ModelSpec.from_dataset(ds), ModelConfig(**TINY)), seed=6)
     eng = Engine.from_model(m, ds)
     h = {"item_id": ["item-3", "item-7", "item-99"], "timestamp": [1, 50, 900],
          "behavior": ["pv", "buy", "cart"], "user_id": "u2"}

@@ -5,29 +5,21 @@ from __future__ import annotations
 import json
 import threading
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from train_fixtures import TINY, prepare_tiny, raw_history
 
-from srp4ctr import data
 from srp4ctr.engine import CACHE_FORMAT, Engine, UserCache, UserCacheStore
 from srp4ctr.errors import CacheError, InputError
 from srp4ctr.models import SRP4CTR, ModelConfig, ModelSpec
 
-from train_fixtures import write_tiny_ml1m
-
 torch.set_num_threads(1)
-
-TINY = {"d_model": 16, "n_layers": 2, "n_heads": 2, "max_len": 16, "n_queries": 2,
-        "head_hidden": (16, 8)}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    src = write_tiny_ml1m(root / "ml-1m", n_users=12)
-    return data.prepare("ml-1m", path=str(src), data_dir=str(root / "c"), progress=False)
+    return prepare_tiny(tmp_path_factory.mktemp("cache"), cache="c", n_users=12)
 
 
 def _engine(ds, seed: int, **kw) -> Engine:
@@ -40,19 +32,9 @@ def engine(tiny):
     return _engine(tiny, 0)
 
 
-def _history(ds, user: int) -> dict:
-    rows = ds.user_rows(user)
-    return {
-        "item_id": ds.item_raw[ds.item[rows]],
-        "rating": np.asarray(ds.value_vocab)[ds.behaviour["rating"][rows] - 1],
-        "timestamp": ds.timestamp[rows],
-        "user_id": int(ds.user_raw[user]),
-    }
-
-
 @pytest.fixture(scope="module")
 def cache(engine, tiny):
-    return engine.encode_user(_history(tiny, 2))
+    return engine.encode_user(raw_history(tiny, 2, lists=False))
 
 
 # ----------------------------------------------------------------------------- layout
@@ -74,7 +56,7 @@ def test_layout(engine, cache):
 
 def test_cache_k_v_are_the_models(engine, cache, tiny):
     """The cached K/V are the encoder's own, valid positions only."""
-    arr = tiny.encode_user_history(_history(tiny, 2), max_len=engine.max_len)
+    arr = tiny.encode_user_history(raw_history(tiny, 2, lists=False), max_len=engine.max_len)
     n = int(arr["hist_len"])
     batch = {k: torch.as_tensor(v)[None] for k, v in arr.items()
              if k.startswith("hist_") and k != "hist_len"}
@@ -247,7 +229,7 @@ def test_store_get_or_encode(engine, tiny):
 
     def encode():
         calls.append(1)
-        return engine.encode_user(_history(tiny, 3))
+        return engine.encode_user(raw_history(tiny, 3, lists=False))
 
     a = store.get_or_encode(3, encode)
     b = store.get_or_encode(3, encode)

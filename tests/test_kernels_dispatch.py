@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
-import srp4ctr.kernels as K
 import torch
-from srp4ctr.kernels import Backend, BackendUnavailableError, _backend
 
+import srp4ctr.kernels as K
 from srp4ctr.errors import InputError
+from srp4ctr.kernels import Backend, BackendUnavailableError, _backend
 
 
 def run_python(code: str, **env_changes: str | None) -> str:

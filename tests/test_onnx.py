@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_fixtures import write_tiny_ml1m
+from train_fixtures import model_probs, perturbed, prepare_tiny
 
 from srp4ctr import data
 from srp4ctr.data import features
@@ -72,8 +72,7 @@ def root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(root):
     # 300 items so that users reach (and pass) histories of max_len = 200
-    src = write_tiny_ml1m(root / "ml-1m", n_items=300, per_user=(12, 260))
-    return data.prepare("ml-1m", path=str(src), data_dir=str(root / "cache"), progress=False)
+    return prepare_tiny(root, n_items=300, per_user=(12, 260))
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +82,7 @@ def ckpt(root, tiny):
     tc = TrainConfig(epochs=1, max_steps_per_epoch=1, batch_size=64, progress=False)
     finetune(tiny, root / "ft", model_config=ModelConfig(**CONFIG), train_config=tc)
     model, cfg = load_model(root / "ft", dataset_fingerprint=tiny.fingerprint)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    perturbed(model, seed=1, scale=0.2)
     cfg = {k: v for k, v in cfg.items() if k not in ("format", "format_version",
                                                       "weights_sha256")}
     return save_checkpoint(root / "ckpt", model, cfg)
@@ -140,27 +136,6 @@ def random_history(ds, n: int, rng, *, user_id=None, unknown: bool = False) -> d
     if user_id is not None:
         h["user_id"] = user_id
     return h
-
-
-def model_probs(model, ds, history: dict, raw_cands) -> np.ndarray:
-    """The training forward on C copies of the history (the data pipeline's arrays)."""
-    arr = ds.encode_user_history(history, max_len=model.config.max_len)
-    cand = torch.as_tensor(ds.encode_items(np.asarray(raw_cands)))
-    C, n = cand.shape[0], int(arr["hist_len"])
-    width = max(n, 1)
-
-    def rows(key):
-        a = np.zeros(width, np.int64)
-        a[:n] = arr[key]
-        return torch.as_tensor(a).expand(C, width)
-
-    batch = {"hist_item": rows("hist_item"), "hist_len": torch.full((C,), n), "cand_item": cand}
-    for f in ds.behaviour_fields:
-        batch[f"hist_{f}"] = rows(f"hist_{f}")
-    for f, t in ds.user_table.items():
-        batch[f"user_{f}"] = torch.full((C,), int(arr.get(f"user_{f}", t[0])))
-    with torch.no_grad():
-        return torch.sigmoid(model(batch)).numpy()
 
 
 def maxdiff(a, b) -> float:
@@ -259,7 +234,7 @@ def test_onnx_equals_the_training_forward(exported, engine, tiny):
     for n, user in ((1, 2), (200, 5), (37, None)):
         h = random_history(tiny, n, rng, user_id=None if user is None else int(tiny.user_raw[user]))
         cands = list(tiny.item_raw[1:]) + [10**8]  # every item and an unknown one (OOV)
-        want = model_probs(model, tiny, h, cands)
+        want = model_probs(model, tiny, h, cands).numpy()
         assert want.std() > 0.03  # the weights discriminate: the comparison means something
         got = server.score(server.encode_user(h), cands, strict=False)
         assert maxdiff(got, want) <= ATOL
@@ -328,11 +303,7 @@ def test_ablations_export_and_serve(tiny, root, config):
     model."""
     torch.manual_seed(3)
     cfg = ModelConfig(**{**CONFIG, "max_len": 32, **config})
-    model = SRP4CTR(ModelSpec.from_dataset(tiny), cfg).eval()
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    model = perturbed(SRP4CTR(ModelSpec.from_dataset(tiny), cfg), seed=4)
     eng = Engine.from_model(model, tiny)
     out = root / f"abl-{'-'.join(config)}"
     external = not cfg.use_xattn  # one of them keeps its weights in side files

@@ -7,11 +7,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from srp4ctr.errors import InputError
 from srp4ctr.kernels import query_pool
 from srp4ctr.kernels.reference import candidate_attention_ref, query_pool_ref
 from srp4ctr.kernels.testing import assert_close, offsets_from_lengths
-
-from srp4ctr.errors import InputError
 
 BLOCK = 16  # the interpreter config's BLOCK_N (kernels/_triton/query_pool.py)
 HEAD_DIMS = [16, 32, 64, 128]

@@ -6,17 +6,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
+from train_fixtures import write_tiny_ml1m
 
 from srp4ctr import data
 from srp4ctr.errors import CheckpointError
 from srp4ctr.models import ModelConfig
 from srp4ctr.train import TrainConfig, evaluate, finetune, load_checkpoint, load_model, pretrain
-
-from train_fixtures import write_tiny_ml1m
 
 TINY = dict(d_model=16, n_layers=1, n_heads=2, max_len=16, n_queries=2, head_hidden=(16, 8))
 
@@ -94,7 +91,6 @@ def test_checkpoint_of_another_dataset_is_refused(tiny, tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes(tiny, tmp_path):
     """DDP with gloo: two CPU processes train; rank 0's checkpoint loads and evaluates."""
-    src = Path(tiny.path) if hasattr(tiny, "path") else None
     script = tmp_path / "ddp_job.py"
     script.write_text(
         "import sys, json\n"

@@ -1,10 +1,19 @@
-"""A tiny synthetic MovieLens-like dataset, written by the tests as an ml-1m folder."""
+"""A tiny synthetic MovieLens-like dataset, written by the tests as an ml-1m folder, and the
+helpers the engine and ONNX tests share: the tiny model config, spread-out random weights, a
+user's raw history and the training forward on it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from srp4ctr import data
+
+# A small SRP4CTR for the engine tests (max_len 16).
+TINY = {"d_model": 16, "n_layers": 2, "n_heads": 2, "max_len": 16, "n_queries": 2,
+        "head_hidden": (16, 8)}
 
 
 def write_tiny_ml1m(folder: Path, n_users: int = 40, n_items: int = 60, per_user=(12, 40),
@@ -23,8 +32,7 @@ def write_tiny_ml1m(folder: Path, n_users: int = 40, n_items: int = 60, per_user
             g2 = genres[(item_genre[i] + 1) % len(genres)]
             f.write(f"{i}::Movie {i} ({1970 + i % 40})::{g}|{g2}\n")
     with open(folder / "users.dat", "w") as f:
-        for u in range(1, n_users + 1):
-            f.write(f"{u}::{'MF'[u % 2]}::{[1, 18, 25, 35][u % 4]}::{u % 20}::0000{u}\n")
+        f.writelines(f"{u}::{'MF'[u % 2]}::{[1, 18, 25, 35][u % 4]}::{u % 20}::0000{u}\n" for u in range(1, n_users + 1))
     rows = []
     for u in range(1, n_users + 1):
         taste = u % len(genres)
@@ -39,3 +47,59 @@ def write_tiny_ml1m(folder: Path, n_users: int = 40, n_items: int = 60, per_user
     with open(folder / "ratings.dat", "w") as f:
         f.writelines(rows)
     return folder
+
+
+def prepare_tiny(root: Path, cache: str = "cache", **kw):
+    """``write_tiny_ml1m`` into ``root / "ml-1m"`` (``kw`` passed on), then ``data.prepare`` it
+    with ``root / cache`` as the data folder."""
+    src = write_tiny_ml1m(root / "ml-1m", **kw)
+    return data.prepare("ml-1m", path=str(src), data_dir=str(root / cache), progress=False)
+
+
+def perturbed(model: torch.nn.Module, seed: int, scale: float = 0.3) -> torch.nn.Module:
+    """Random weights with some spread (fresh models score everything near 0.5)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+def raw_history(ds, user: int, end: int | None = None, user_id: bool = True,
+                lists: bool = True) -> dict:
+    """User ``user``'s raw interactions (its rows before flat row ``end``), as a caller has them:
+    Python lists, or with ``lists=False`` the numpy arrays."""
+    rows = ds.user_rows(user)
+    stop = rows.stop if end is None else end
+    sl = slice(rows.start, stop)
+    h = {
+        "item_id": ds.item_raw[ds.item[sl]],
+        "rating": np.asarray(ds.value_vocab)[ds.behaviour["rating"][sl] - 1],
+        "timestamp": ds.timestamp[sl],
+    }
+    if lists:
+        h = {k: v.tolist() for k, v in h.items()}
+    if user_id:
+        h["user_id"] = int(ds.user_raw[user])
+    return h
+
+
+def model_probs(model, ds, history: dict, raw_cands) -> torch.Tensor:
+    """The training forward on a batch of C copies of the history (built by the data pipeline)."""
+    arr = ds.encode_user_history(history, max_len=model.config.max_len)
+    cand = torch.as_tensor(ds.encode_items(np.asarray(raw_cands)))
+    C, n = cand.shape[0], int(arr["hist_len"])
+    width = max(n, 1)
+
+    def rows(key):
+        a = np.zeros(width, np.int64)
+        a[:n] = arr[key]
+        return torch.as_tensor(a).expand(C, width)
+
+    batch = {"hist_item": rows("hist_item"), "hist_len": torch.full((C,), n), "cand_item": cand}
+    for f in ds.behaviour_fields:
+        batch[f"hist_{f}"] = rows(f"hist_{f}")
+    for f, t in ds.user_table.items():
+        batch[f"user_{f}"] = torch.full((C,), int(arr.get(f"user_{f}", t[0])))
+    with torch.no_grad():
+        return torch.sigmoid(model(batch))

@@ -84,7 +84,7 @@ Samples (:mod:`srp4ctr.data.samples`)
   Histories may be empty (``hist_len`` 0).
 """
 
-from srp4ctr.data.dataset import PreparedDataset, load_prepared, SPLIT_NAMES
+from srp4ctr.data.dataset import SPLIT_NAMES, PreparedDataset, load_prepared
 from srp4ctr.data.features import behaviour_features, encode_values
 from srp4ctr.data.loaders import KNOWN_DATASETS, parse_columns
 from srp4ctr.data.pipeline import build, default_data_dir, prepare

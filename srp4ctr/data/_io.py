@@ -12,7 +12,8 @@ import datetime as _dt
 import io
 import math
 import os
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -9,13 +9,14 @@ import hashlib
 import json
 import os
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
-from srp4ctr.errors import DataError, InputError
 from srp4ctr.data import features as F
+from srp4ctr.errors import DataError, InputError
 
 #: bump when the on-disk layout or any token rule changes; older caches are rebuilt
 FORMAT_VERSION = 1

@@ -15,8 +15,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from srp4ctr.errors import ChecksumError, DataError
 

@@ -8,7 +8,8 @@ and item / user side fields from the bucket functions below. Token id 0 is alway
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

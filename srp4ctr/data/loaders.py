@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from srp4ctr.errors import DataError, InputError
 from srp4ctr.data import features as F
 from srp4ctr.data._io import (
     _decode,
@@ -28,6 +28,7 @@ from srp4ctr.data._io import (
     read_header,
     read_named,
 )
+from srp4ctr.errors import DataError, InputError
 
 POSITIVE_BEHAVIOURS = ("cart", "fav", "buy")
 

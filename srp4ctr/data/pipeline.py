@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from srp4ctr.errors import DataError, InputError, UnknownDatasetError
 from srp4ctr.data import download as D
 from srp4ctr.data import features as F
 from srp4ctr.data.dataset import (
@@ -35,6 +34,7 @@ from srp4ctr.data.loaders import (
     load_path_dataset,
     parse_columns,
 )
+from srp4ctr.errors import DataError, InputError, UnknownDatasetError
 
 ENV_DATA_DIR = "SRP4CTR_DATA_DIR"
 _STALE_TMP_S = 6 * 3600

@@ -24,18 +24,19 @@ history in the batch, at least 1, or ``pad_to``), ``hist_<f> [B, L]`` for every 
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from srp4ctr.errors import InputError
 from srp4ctr.data.dataset import PreparedDataset, split_index
+from srp4ctr.errors import InputError
 
 __all__ = [
-    "PretrainDataset",
     "CTRDataset",
     "NextItemDataset",
+    "PretrainDataset",
     "collate",
     "sample_negatives",
 ]

@@ -6,10 +6,10 @@ from srp4ctr.train.loop import evaluate, finetune, load_model, pretrain
 
 __all__ = [
     "TrainConfig",
-    "pretrain",
-    "finetune",
     "evaluate",
-    "load_model",
-    "save_checkpoint",
+    "finetune",
     "load_checkpoint",
+    "load_model",
+    "pretrain",
+    "save_checkpoint",
 ]

@@ -12,8 +12,9 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -182,7 +183,7 @@ def predict_ctr(model: nn.Module, dataset, *, batch_size: int = 1024, device: st
         users.append(batch["user"].numpy())
         labels.append(batch["label"].numpy())
         order.append(b)
-    cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
+    cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)
     part = (cat(order, np.int64), cat(users, np.int64), cat(labels, np.float32),
             cat(probs, np.float32))
     parts = gather_objects(world, part)
@@ -200,7 +201,7 @@ def ctr_metrics(pred: dict[str, np.ndarray]) -> dict[str, float]:
         "auc": float(metrics.auc(pred["label"], pred["prob"])),
         "gauc": float(metrics.gauc(pred["user"], pred["label"], pred["prob"])),
         "logloss": float(metrics.logloss(pred["label"], pred["prob"])),
-        "n": int(len(pred["label"])),
+        "n": len(pred["label"]),
     }
 
 
@@ -233,12 +234,12 @@ def next_item_metrics(
         n_neg = neg.shape[1]
         tgt = logits.gather(1, target[:, None])[:, 0]
         sampled_ranks.append(np.asarray(metrics.sampled_rank(tgt, logits.gather(1, neg))))
-    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)
     parts = gather_objects(world, (cat(full_ranks), cat(sampled_ranks), n_neg))
     fr = np.concatenate([p[0] for p in parts])
     sr = np.concatenate([p[1] for p in parts])
     n_neg = next((p[2] for p in parts if p[2] is not None), 0)
-    out: dict[str, float] = {"n": int(len(fr))}
+    out: dict[str, float] = {"n": len(fr)}
     for k in ks:
         out[f"hr@{k}"] = float(metrics.hit_rate_at_k(fr, k))
         out[f"ndcg@{k}"] = float(metrics.ndcg_at_k(fr, k))
@@ -464,7 +465,7 @@ def finetune(
         encoder = FGBERT(spec, mcfg)
         if pretrained is not None:
             pre, pre_cfg = load_model(pretrained, dataset_fingerprint=ds.fingerprint)
-            missing, unexpected = encoder.load_state_dict(pre.state_dict(), strict=False)
+            missing, _unexpected = encoder.load_state_dict(pre.state_dict(), strict=False)
             pre_info = {"path": str(pretrained), "kind": pre_cfg["kind"],
                         "fingerprint": pre_cfg["weights_sha256"],
                         "not_pretrained": sorted(missing)}
