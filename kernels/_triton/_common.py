@@ -80,6 +80,12 @@ def scaled_log2(scale: float) -> float:
     return float(scale) * LOG2E
 
 
+def strides(name: str, t: torch.Tensor, axes: str) -> dict[str, int]:
+    """Launch keywords ``stride_<name><axis>=t.stride(i)`` for the first ``len(axes)`` dims of
+    ``t``: ``strides("k", k, "nhd")`` gives ``stride_kn``, ``stride_kh``, ``stride_kd``."""
+    return {f"stride_{name}{a}": st for a, st in zip(axes, t.stride())}
+
+
 @triton.jit
 def _locate_tile(Offsets, n_users, pid, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
     """The user owning candidate tile ``pid`` and the tile's index inside that user.

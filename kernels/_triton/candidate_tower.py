@@ -35,6 +35,7 @@ from ._common import (
     head_block,
     length_bucket,
     scaled_log2,
+    strides,
 )
 
 BLOCK_B = 256
@@ -284,12 +285,8 @@ def candidate_tower_layer_fwd(
         qk_scale=scaled_log2(head_dim**-0.5),
         eps=eps,
         stride_zm=z.stride(0),
-        stride_kn=k.stride(0),
-        stride_kh=k.stride(1),
-        stride_kd=k.stride(2),
-        stride_vn=v.stride(0),
-        stride_vh=v.stride(1),
-        stride_vd=v.stride(2),
+        **strides("k", k, "nhd"),
+        **strides("v", v, "nhd"),
         stride_om=out.stride(0),
         AUTOTUNE_Q=length_bucket(n_q // n_users),
         AUTOTUNE_L=length_bucket(n_kv // n_users),

@@ -16,7 +16,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _attend, autotune, dot_precision, head_block, length_bucket, scaled_log2
+from ._common import (
+    _attend,
+    autotune,
+    dot_precision,
+    head_block,
+    length_bucket,
+    scaled_log2,
+    strides,
+)
 
 MAX_BLOCK_Q = 128  # queries per program; more queries add programs (each re-reads K/V)
 
@@ -155,19 +163,10 @@ def query_pool_fwd(
         n_queries=n_queries,
         n_kv=n_kv,
         qk_scale=scaled_log2(scale),
-        stride_qm=queries.stride(0),
-        stride_qh=queries.stride(1),
-        stride_qd=queries.stride(2),
-        stride_kn=k.stride(0),
-        stride_kh=k.stride(1),
-        stride_kd=k.stride(2),
-        stride_vn=v.stride(0),
-        stride_vh=v.stride(1),
-        stride_vd=v.stride(2),
-        stride_ob=out.stride(0),
-        stride_om=out.stride(1),
-        stride_oh=out.stride(2),
-        stride_od=out.stride(3),
+        **strides("q", queries, "mhd"),
+        **strides("k", k, "nhd"),
+        **strides("v", v, "nhd"),
+        **strides("o", out, "bmhd"),
         AUTOTUNE_L=length_bucket(n_kv // n_users),
         HEAD_DIM=head_dim,
         DOT_PRECISION=dot_precision(queries.dtype),
