@@ -23,6 +23,8 @@ Backends hold no mutable state outside a lock, so the engine may call them from 
 
 from __future__ import annotations
 
+import abc
+
 import threading
 from collections.abc import Sequence
 
@@ -45,7 +47,7 @@ __all__ = [
 ]
 
 
-class ScoringBackend:
+class ScoringBackend(abc.ABC):
     """Base class of the scoring backends (see the module docstring for the contract)."""
 
     name = "base"
@@ -58,12 +60,14 @@ class ScoringBackend:
         """Why this backend cannot run on ``device`` here, or None when it can."""
         return None
 
+    @abc.abstractmethod
     def score_one(self, cache: UserCache, item_ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Logits of ``item_ids`` (internal ids, [C]) for one user."""
 
+    @abc.abstractmethod
     def score_many(self, caches: Sequence[UserCache], item_ids: torch.Tensor,
                    counts: Sequence[int]) -> torch.Tensor:
-        raise NotImplementedError
+        """Logits of the concatenated ``item_ids``; user i owns the next ``counts[i]``."""
 
     def describe(self) -> dict:
         return {"backend": self.name}
