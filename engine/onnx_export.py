@@ -99,7 +99,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from srp4ctr.errors import InputError
-from srp4ctr.models.layers import masked_mean, recency_positions, valid_mask
+from srp4ctr.models.layers import recency_positions, valid_mask
 
 from .folded import LN_EPS, FoldedModel
 
@@ -171,7 +171,7 @@ class UserEncoderGraph(nn.Module):
                 + [f"user_{f}" for f in self.user_fields])
 
     def forward(self, hist_item: torch.Tensor, hist_len: torch.Tensor, *fields: torch.Tensor):
-        m, cfg = self.model, self.model.config
+        m = self.model
         enc = m.encoder
         nb = len(self.behaviour_fields)
         W = hist_item.shape[0]
@@ -193,21 +193,7 @@ class UserEncoderGraph(nn.Module):
             hidden, kv = enc.encode_embedded(x, valid, return_kv=True)
         else:
             hidden, kv = enc.encode_embedded(x, valid), []
-        user_parts: list[torch.Tensor] = []
-        pooled = None
-        if not cfg.use_xattn:
-            pooled = masked_mean(hidden, valid)
-            user_parts.append(pooled)
-        qtokens = None
-        if m.qformer is not None:
-            offset = None
-            if m.query_offset is not None:
-                offset = m.query_offset(m.user_emb(batch)).unflatten(
-                    -1, (cfg.n_queries, cfg.d_model))
-            qtokens = m.qformer(hidden, valid, offset)
-            user_parts.append(qtokens.flatten(1))
-        user = torch.cat(user_parts, -1) if user_parts else None
-        head_user = m.head.user_block(user, 1)
+        pooled, qtokens, head_user = m.summarise_user(hidden, valid, batch)
         out: list[torch.Tensor] = []
         if self.n_layers:
             out += [torch.stack([k[0] for k, _ in kv]), torch.stack([v[0] for _, v in kv])]

@@ -322,6 +322,26 @@ class SRP4CTR(nn.Module):
                 hidden, kv = self.encoder.encode(batch), []
         hist_len = batch["hist_len"]
         valid = valid_mask(hist_len, hidden.shape[1])
+        pooled, qtokens, head_user = self.summarise_user(hidden, valid, batch)
+        return UserState(
+            k=tuple(k for k, _ in kv),
+            v=tuple(v for _, v in kv),
+            kv_len=hist_len,
+            qtokens=qtokens,
+            pooled=pooled,
+            head_user=head_user,
+        )
+
+    def summarise_user(
+        self, hidden: torch.Tensor, valid: torch.Tensor, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """From the encoder's final states [B, L, d]: ``(pooled, qtokens, head_user)``.
+
+        ``pooled`` only in the ``use_xattn=False`` ablation, ``qtokens`` [B, M, d] only with the
+        Q-Former; ``head_user`` [B, h1] is the head's user block (bias included). Shared by
+        :meth:`encode_users` and the ONNX user-encoder graph.
+        """
+        cfg = self.config
         user_parts: list[torch.Tensor] = []
         pooled = None
         if not cfg.use_xattn:
@@ -337,14 +357,7 @@ class SRP4CTR(nn.Module):
             qtokens = self.qformer(hidden, valid, offset)
             user_parts.append(qtokens.flatten(1))
         user = torch.cat(user_parts, -1) if user_parts else None
-        return UserState(
-            k=tuple(k for k, _ in kv),
-            v=tuple(v for _, v in kv),
-            kv_len=hist_len,
-            qtokens=qtokens,
-            pooled=pooled,
-            head_user=self.head.user_block(user, hidden.shape[0]),
-        )
+        return pooled, qtokens, self.head.user_block(user, hidden.shape[0])
 
     # ------------------------------------------------------------------ candidate side
     def candidate_embedding(self, cand_item: torch.Tensor) -> torch.Tensor:
