@@ -60,15 +60,28 @@ def protocol_text(ds, max_len: int, seeds: list[int], negatives: str | None) -> 
 def run_experiment(
     ds, out: str | os.PathLike, *, seeds: int | list[int] = 5, models: list[str] | None = None,
     model_config=None, train_config: TrainConfig | None = None, resume: bool = True,
-    progress: bool = True, pretrain_config: TrainConfig | None = None,
+    progress: bool = True, pretrain_config: TrainConfig | None = None, jobs: int = 1,
+    pretrain_model_config=None,
 ) -> dict:
+    """Run every (model, seed) not finished yet in ``out`` and write the tables.
+
+    ``jobs > 1`` runs that many trainings at once in worker processes, each with
+    ``torch.get_num_threads() // jobs`` threads (or ``train_config.num_threads``): small models
+    on few cores gain more from running side by side than from more threads per run. A
+    fine-tuning run starts once the pre-training it needs (same seed) has finished.
+    ``pretrain_model_config`` (default ``model_config``) may differ from it only in settings that
+    do not change the architecture (dropout, mask rate).
+    """
     from srp4ctr.models import ModelConfig
-    from srp4ctr.train.loop import finetune, pretrain
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     models = list(models or VARIANTS)
+    if not isinstance(jobs, int) or jobs < 1:
+        from srp4ctr.errors import InputError
+
+        raise InputError(f"jobs must be an integer >= 1, got {jobs!r}")
     unknown = [m for m in models if m not in VARIANTS]
     if unknown:
         from srp4ctr.errors import InputError
@@ -77,6 +90,7 @@ def run_experiment(
     mcfg = model_config or ModelConfig()
     tcfg = train_config or TrainConfig()
     pcfg = pretrain_config or default_pretrain_config(tcfg)
+    pmcfg = pretrain_model_config or mcfg
     results_path = out / "results.json"
     results = _load(results_path) if resume else None
     if results is None or results.get("dataset") != ds.name or results.get("fingerprint") != ds.fingerprint:
@@ -86,33 +100,26 @@ def run_experiment(
     results["model_config"] = mcfg.to_dict()
     results["train_config"] = tcfg.to_dict()
     results["pretrain_config"] = pcfg.to_dict()
+    results["pretrain_model_config"] = pmcfg.to_dict()
     results["machine"] = machine_info()
     results["seeds"] = seeds
     t_start = time.perf_counter()
-    for seed in seeds:
-        tc = TrainConfig.from_dict({**tcfg.to_dict(), "seed": seed, "progress": progress})
-        needed = {VARIANTS[m].pretrain for m in models} - {None}
-        pre_dirs = {}
-        for pkind in sorted(needed):
-            pdir = out / "runs" / f"seed{seed}" / f"pretrain_{pkind}"
-            pre_dirs[pkind] = pdir
-            done = results["pretrain"].get(pkind, {}).get(str(seed))
-            if done is not None and (pdir / "config.json").exists():
-                continue
-            ptc = TrainConfig.from_dict({**pcfg.to_dict(), "seed": seed, "progress": progress})
-            r = pretrain(ds, pdir, model_config=mcfg, train_config=ptc, kind=pkind)
-            results["pretrain"].setdefault(pkind, {})[str(seed)] = _slim(r)
-            _save(results_path, results)
-        for m in models:
-            if str(seed) in results["details"].get(m, {}):
-                continue
-            v = VARIANTS[m]
-            mc = type(mcfg).from_dict({**mcfg.to_dict(), **v.overrides})
-            r = finetune(ds, out / "runs" / f"seed{seed}" / m, kind=v.kind, model_config=mc,
-                         train_config=tc, pretrained=pre_dirs.get(v.pretrain) if v.pretrain else None,
-                         name=f"{m} seed {seed}")
-            results["details"].setdefault(m, {})[str(seed)] = _slim(r)
-            _save(results_path, results)
+    tasks = _plan(results, seeds, models, out, mcfg, pmcfg, tcfg, pcfg,
+                  progress and jobs == 1)
+    threads = _threads_per_job(tcfg, jobs)
+    results["parallel"] = {"jobs": jobs, "threads_per_job": threads}
+
+    def record(task: _Task, r: dict) -> None:
+        section = "pretrain" if task.kind == "pretrain" else "details"
+        results[section].setdefault(task.name, {})[str(task.seed)] = _slim(r)
+        _save(results_path, results)
+        if progress and jobs > 1:
+            metric = r.get("test", {})
+            shown = {k: round(v, 4) for k, v in metric.items() if k != "n"}
+            print(f"[experiment] done: {task.kind} {task.name} seed {task.seed} "
+                  f"({r.get('train_seconds', 0):.0f} s) {shown}", flush=True)
+
+    _run_tasks(tasks, ds, jobs, threads, record)
     # one value per seed, in seed order
     results["runs"] = {
         m: {k: [results["details"][m][str(s)]["test"][k] for s in seeds
@@ -131,6 +138,122 @@ def run_experiment(
     write_markdown(out / "results.md", results)
     plot_results(out / "results.png", results)
     return results
+
+
+# Longest first within a seed, so parallel workers finish together; pre-training before the
+# fine-tuning that needs it.
+_ORDER = ("srp4ctr_nopretrain", "bst", "srp4ctr_fgbert", "srp4ctr_no_xattn", "srp4ctr_bert",
+          "srp4ctr_no_qformer", "user_vector", "din")
+
+
+@dataclass(frozen=True)
+class _Task:
+    kind: str  # "pretrain" or "finetune"
+    name: str  # pre-training kind or model key
+    seed: int
+    out_dir: str
+    kwargs: dict
+    needs: tuple = ()  # (kind, name, seed) keys that must finish first
+
+    @property
+    def key(self) -> tuple:
+        return (self.kind, self.name, self.seed)
+
+
+def _plan(results, seeds, models, out: Path, mcfg, pmcfg, tcfg, pcfg, progress: bool
+          ) -> list[_Task]:
+    """The runs still to do, in the order they should start."""
+    tasks = []
+    ordered = sorted(models, key=lambda m: _ORDER.index(m) if m in _ORDER else len(_ORDER))
+    for seed in seeds:
+        tc = TrainConfig.from_dict({**tcfg.to_dict(), "seed": seed, "progress": progress})
+        needed = {VARIANTS[m].pretrain for m in models} - {None}
+        pre_dirs, pending = {}, set()
+        for pkind in sorted(needed):
+            pdir = out / "runs" / f"seed{seed}" / f"pretrain_{pkind}"
+            pre_dirs[pkind] = pdir
+            done = results["pretrain"].get(pkind, {}).get(str(seed))
+            if done is not None and (pdir / "config.json").exists():
+                continue
+            ptc = TrainConfig.from_dict({**pcfg.to_dict(), "seed": seed, "progress": progress})
+            tasks.append(_Task("pretrain", pkind, seed, str(pdir),
+                               {"model_config": pmcfg, "train_config": ptc, "kind": pkind}))
+            pending.add(pkind)
+        for m in ordered:
+            if str(seed) in results["details"].get(m, {}):
+                continue
+            v = VARIANTS[m]
+            mc = type(mcfg).from_dict({**mcfg.to_dict(), **v.overrides})
+            needs = (("pretrain", v.pretrain, seed),) if v.pretrain in pending else ()
+            tasks.append(_Task(
+                "finetune", m, seed, str(out / "runs" / f"seed{seed}" / m),
+                {"kind": v.kind, "model_config": mc, "train_config": tc,
+                 "pretrained": str(pre_dirs[v.pretrain]) if v.pretrain else None,
+                 "name": f"{m} seed {seed}"}, needs))
+    return tasks
+
+
+def _threads_per_job(tcfg: TrainConfig, jobs: int) -> int:
+    if tcfg.num_threads:
+        return int(tcfg.num_threads)
+    import torch
+
+    return max(1, torch.get_num_threads() // jobs)
+
+
+def _execute(task: _Task, ds, threads: int | None) -> dict:
+    from srp4ctr.train.loop import finetune, pretrain
+
+    kwargs = dict(task.kwargs)
+    if threads:
+        tc = kwargs["train_config"]
+        kwargs["train_config"] = TrainConfig.from_dict({**tc.to_dict(), "num_threads": threads})
+    fn = pretrain if task.kind == "pretrain" else finetune
+    return fn(ds, task.out_dir, **kwargs)
+
+
+_WORKER_DS = None
+
+
+def _worker_init(ds) -> None:
+    global _WORKER_DS
+    _WORKER_DS = ds
+
+
+def _worker_run(task: _Task, threads: int) -> dict:
+    return _execute(task, _WORKER_DS, threads)
+
+
+def _run_tasks(tasks: list[_Task], ds, jobs: int, threads: int, record) -> None:
+    """Run ``tasks`` (dependencies respected) inline or in ``jobs`` worker processes, calling
+    ``record(task, result)`` in this process as each finishes."""
+    if jobs == 1:
+        for t in tasks:
+            record(t, _execute(t, ds, None))
+        return
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    finished: set = set()
+    waiting = list(tasks)
+    running: dict = {}
+    # spawn: a fork of a process that has run torch's thread pools can hang
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                             initializer=_worker_init, initargs=(ds,)) as pool:
+        while waiting or running:
+            for t in list(waiting):
+                if len(running) >= jobs:
+                    break
+                if all(n in finished for n in t.needs):
+                    waiting.remove(t)
+                    running[pool.submit(_worker_run, t, threads)] = t
+            if not running:  # unreachable unless a dependency is missing
+                raise RuntimeError(f"experiment tasks wait on runs that never start: {waiting}")
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                t = running.pop(fut)
+                record(t, fut.result())  # a failed run stops here; finished runs are saved
+                finished.add(t.key)
 
 
 def default_pretrain_config(finetune: TrainConfig) -> TrainConfig:
