@@ -17,17 +17,18 @@ Backends hold no mutable state outside a lock, so the engine may call them from 
 - ``torch`` (:class:`TorchBackend`): the reference, everywhere; uses the folded item tables.
 - ``triton`` (:class:`TritonBackend`): the fused candidate-tower kernels of
   :mod:`srp4ctr.kernels` on CUDA (on CPU only under ``TRITON_INTERPRET=1``, for tests).
-- ``cpp`` (:class:`CppBackend`): the C++ CPU path from ``csrc/`` (``srp4ctr._C``); not built yet,
-  so asking for it raises :class:`~srp4ctr.kernels.BackendUnavailableError`.
+- ``cpp`` (:class:`CppBackend`): the C++ CPU path from ``csrc/`` (``srp4ctr._C``), fp32 or
+  bf16; when the extension is not built, the engine falls back to torch with one warning.
 """
 
 from __future__ import annotations
 
 import abc
-
+import os
 import threading
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from srp4ctr.errors import InputError
@@ -164,22 +165,97 @@ class TritonBackend(ScoringBackend):
 
 
 class CppBackend(ScoringBackend):
-    """The C++ CPU kernels (``srp4ctr._C``, built from ``csrc/``). Not built yet: this class is
-    the slot it will fill, with the same ``score_one`` / ``score_many`` contract."""
+    """The C++ CPU kernels (``srp4ctr._C``, built from ``csrc/``): the whole candidate side of a
+    request (tower and head) in one call, candidates in tiles over a thread pool, AVX-512 when
+    the CPU has it (a portable path otherwise).
+
+    Precision follows the engine's dtype: ``float32`` is exact (fp32 FMA), ``bfloat16`` runs the
+    products with AVX512-BF16 dot products (bf16 weights, K/V and activations, fp32 sums;
+    softmax, LayerNorm, GELU and residuals in fp32). Threads: ``threads`` if set, else
+    ``SRP4CTR_CPP_THREADS``, else ``torch.get_num_threads()`` at call time. ``SRP4CTR_CPP_ISA``
+    (``auto``, ``avx512``, ``generic``) forces the instruction set.
+    """
 
     name = "cpp"
+    DTYPES = (torch.float32, torch.bfloat16)
+
+    def __init__(self, folded: FoldedModel):
+        super().__init__(folded)
+        from srp4ctr._ext import extension
+
+        ext = extension()
+        if ext is None:  # resolve_backend checked; only a direct construction gets here
+            raise BackendUnavailableError(self.unavailable_reason(folded.device))
+        if folded.dtype not in self.DTYPES:
+            raise BackendUnavailableError(
+                f"backend='cpp' scores in float32 or bfloat16, not {folded.dtype}")
+        fm = folded
+
+        def f32(t):
+            return t.detach().to("cpu", torch.float32).contiguous().numpy()
+
+        layers = [{name: f32(getattr(p, name)) for name in p._fields} for p in fm.layers]
+        rest = [(f32(w), f32(b)) for w, b in fm.rest]
+        precision = "bf16" if fm.dtype == torch.bfloat16 else "fp32"
+        isa = os.environ.get("SRP4CTR_CPP_ISA", "auto")
+        self._tower = ext.Tower(fm.d_model, fm.n_heads, layers,
+                                None if fm.head_zn is None else f32(fm.head_zn), rest, fm.h1,
+                                precision, isa)
+        self.threads: int | None = None
+        self._dtype_name = str(fm.dtype).replace("torch.", "")
+        self._dummy = torch.zeros(1, dtype=fm.dtype)  # a valid address for absent tables
 
     @classmethod
     def unavailable_reason(cls, device: torch.device) -> str | None:
-        try:
-            import srp4ctr._C as ext
-        except ImportError:
-            return ("backend='cpp': the C++ CPU kernels (srp4ctr._C, built from csrc/) are not "
-                    "built in this installation; use backend='torch' (or 'auto')")
-        if not hasattr(ext, "candidate_tower"):
-            return ("backend='cpp': srp4ctr._C does not provide the candidate tower this engine "
-                    "needs; use backend='torch' (or 'auto')")
-        return "backend='cpp' is not wired into the engine yet; use backend='torch' (or 'auto')"
+        from srp4ctr._ext import unavailable_reason
+
+        if device.type != "cpu":
+            return f"backend='cpp' runs on CPU; the engine is on {device}"
+        reason = unavailable_reason()
+        if reason is not None:
+            return f"backend='cpp': {reason}"
+        return None
+
+    def _threads(self) -> int:
+        if self.threads:
+            return int(self.threads)
+        env = os.environ.get("SRP4CTR_CPP_THREADS")
+        return int(env) if env else torch.get_num_threads()
+
+    def _run(self, item_ids: torch.Tensor, users: list[tuple[UserCache, int]]) -> torch.Tensor:
+        fm = self.folded
+        N = int(item_ids.shape[0])
+        out = torch.empty(N, dtype=torch.float32)
+        if fm.tables:
+            ids = item_ids.contiguous()
+            z0, q0, hz0 = fm.z0, fm.q0, fm.hz0
+        else:  # no per-item tables (huge catalogue): this request's rows, computed in torch
+            z0, q0, hz0 = (t.contiguous() if t is not None else None
+                           for t in fm.item_rows(item_ids))
+            ids = torch.arange(N, dtype=torch.int64)
+        q0 = self._dummy if q0 is None else q0
+        rows = int(z0.shape[0])
+        keep = []  # contiguous copies must outlive the call
+        table = np.empty((len(users), 5), dtype=np.int64)
+        for b, (c, count) in enumerate(users):
+            k, v, hu = c.k.contiguous(), c.v.contiguous(), c.head_user.contiguous()
+            keep.append((k, v, hu))
+            table[b] = (k.data_ptr(), v.data_ptr(), hu.data_ptr(), c.length, count)
+        self._tower.score(ids.data_ptr(), N, (z0.data_ptr(), q0.data_ptr(), hz0.data_ptr(), rows,
+                                              str(z0.dtype).replace("torch.", "")),
+                          table, self._dtype_name, out.data_ptr(), self._threads())
+        del keep
+        return out if fm.dtype == torch.float32 else out.to(fm.dtype)
+
+    def score_one(self, cache: UserCache, item_ids: torch.Tensor) -> torch.Tensor:
+        return self._run(item_ids, [(cache, int(item_ids.shape[0]))])
+
+    def score_many(self, caches, item_ids, counts):
+        return self._run(item_ids, [(c, int(n)) for c, n in zip(caches, counts)])
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "isa": self._tower.isa,
+                "precision": self._tower.precision, "threads": self._threads()}
 
 
 BACKENDS: dict[str, type[ScoringBackend]] = {
@@ -189,23 +265,44 @@ BACKENDS: dict[str, type[ScoringBackend]] = {
 }
 
 
-def resolve_backend(name: str, device: torch.device) -> type[ScoringBackend]:
+def resolve_backend(name: str, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> type[ScoringBackend]:
     """The backend class for ``name`` (``auto``, ``torch``, ``triton`` or ``cpp``) on ``device``.
 
-    ``auto``: Triton on CUDA when it can run there, else torch. An explicit backend that cannot
-    run raises :class:`~srp4ctr.kernels.BackendUnavailableError` saying why.
+    ``auto``: Triton on CUDA when it can run there; on CPU the C++ kernels for float32 and
+    bfloat16 (they measure faster than torch at every candidate count, bench/report.md), else
+    torch. When the C++ extension is wanted (``auto`` on CPU, or ``cpp``) but is not built or
+    cannot be loaded, torch is used with one warning per process. Other backends that cannot run
+    (Triton without CUDA, ``cpp`` on CUDA or in float16) raise
+    :class:`~srp4ctr.kernels.BackendUnavailableError` saying why.
     """
+    from srp4ctr._ext import unavailable_reason, warn_fallback
+
     if not isinstance(name, str):
         raise InputError(f"backend must be a name, got {type(name).__name__}")
     key = name.strip().lower()
-    if key == "auto":
-        if device.type == "cuda" and TritonBackend.unavailable_reason(device) is None:
-            return TritonBackend
-        return TorchBackend
-    if key not in BACKENDS:
+    if key not in ("auto", *BACKENDS):
         raise InputError(
             f"unknown engine backend {name!r}; expected one of auto, {', '.join(BACKENDS)}"
         )
+    if key == "auto":
+        if device.type == "cuda" and TritonBackend.unavailable_reason(device) is None:
+            return TritonBackend
+        if device.type == "cpu" and dtype in CppBackend.DTYPES:
+            if unavailable_reason() is None:
+                return CppBackend
+            warn_fallback("backend='auto' on CPU")
+        return TorchBackend
+    if key == "cpp":
+        if device.type != "cpu":
+            raise BackendUnavailableError(CppBackend.unavailable_reason(device))
+        if dtype not in CppBackend.DTYPES:
+            raise BackendUnavailableError(
+                f"backend='cpp' scores in float32 or bfloat16, not {dtype}")
+        if unavailable_reason() is not None:
+            warn_fallback("backend='cpp'")
+            return TorchBackend
+        return CppBackend
     cls = BACKENDS[key]
     reason = cls.unavailable_reason(device)
     if reason is not None:

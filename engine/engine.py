@@ -164,7 +164,7 @@ class Engine:
         dataset: the dataset's serving view (id maps, vocabularies, behaviour rules).
         fingerprint: identity of the model (the checkpoint's weights sha256); caches carry it.
         device, dtype: where and in what precision candidates are scored (caches are kept in it).
-        backend: the scoring backend's name (``"torch"``, ``"triton"``).
+        backend: the scoring backend's name (``"torch"``, ``"triton"``, ``"cpp"``).
         max_len: histories are cut to their last ``max_len`` interactions.
         max_chunk_bytes, chunk_size: the memory budget for one scoring chunk (or a fixed number
             of candidates per chunk); results depend on them only through the fp32 rounding of
@@ -182,7 +182,7 @@ class Engine:
             raise InputError(f"the engine serves SRP4CTR models, got {type(model).__name__}")
         self.device = _as_device(device)
         self.dtype = _as_dtype(dtype)
-        self._backend_cls = resolve_backend(backend, self.device)
+        self._backend_cls = resolve_backend(backend, self.device, self.dtype)
         if max_chunk_bytes is None:
             max_chunk_bytes = DEFAULT_MAX_CHUNK_BYTES[self.device.type]
         for name, val in (("max_chunk_bytes", max_chunk_bytes), ("chunk_size", chunk_size)):
@@ -224,7 +224,8 @@ class Engine:
 
         Args:
             device: ``"cpu"`` or ``"cuda"`` (``"cuda:1"``...).
-            backend: ``"auto"`` (Triton on CUDA, else torch), ``"torch"``, ``"triton"``, ``"cpp"``.
+            backend: ``"auto"`` (Triton on CUDA, the C++ kernels on CPU, else torch),
+                ``"torch"``, ``"triton"``, ``"cpp"``.
             dtype: the scoring precision, ``torch.float32`` (exact), ``float16`` or ``bfloat16``.
             dataset: the prepared dataset the model was trained on (a ``PreparedDataset`` or its
                 folder); by default it is found by the checkpoint's dataset name and fingerprint
@@ -252,7 +253,7 @@ class Engine:
                 f"{path}: a {kind!r} checkpoint{hint}; the engine serves SRP4CTR fine-tuning "
                 f"checkpoints (kind {SERVING_KIND!r})"
             )
-        resolve_backend(backend, _as_device(device))  # bad arguments fail before any loading
+        resolve_backend(backend, _as_device(device), _as_dtype(dtype))  # fail before loading
         ds = _resolve_dataset(path, cfg.get("dataset") or {}, dataset, data_dir)
         model, cfg = load_model(path, dataset_fingerprint=ds.fingerprint)
         return cls(model, ds, fingerprint=cfg["weights_sha256"], device=device, backend=backend,

@@ -22,7 +22,7 @@ from train_fixtures import (
     write_tiny_ml1m,
 )
 
-from srp4ctr import data
+from srp4ctr import _ext, data
 from srp4ctr.data.samples import CTRDataset
 from srp4ctr.engine import BackendUnavailableError, Engine, History, UserCache
 from srp4ctr.errors import CacheError, CheckpointError, InputError, UnknownItemError
@@ -89,7 +89,8 @@ def close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> bool:
 # ----------------------------------------------------------------------------- loading
 def test_load_describes_itself_and_prints_nothing(engine, tiny, capsys):
     info = engine.describe()
-    assert engine.backend == "torch" and info["backend"] == "torch"
+    want = "cpp" if _ext.extension() is not None else "torch"  # auto on CPU
+    assert engine.backend == want and info["backend"] == want
     assert info["dataset"]["fingerprint"] == tiny.fingerprint
     assert info["model_fingerprint"] == engine.fingerprint and len(engine.fingerprint) == 64
     assert info["folded"]["item_tables"] is True
@@ -143,8 +144,14 @@ def test_load_refuses_truncated_weights(ckpt, tiny, tmp_path):
 
 
 def test_backends(ckpt, tiny):
-    with pytest.raises(BackendUnavailableError, match="not built"):
-        Engine.load(ckpt, dataset=tiny, backend="cpp")
+    if _ext.extension() is not None:
+        assert Engine.load(ckpt, dataset=tiny, backend="cpp").backend == "cpp"
+        assert Engine.load(ckpt, dataset=tiny, backend="cpp",
+                           dtype=torch.bfloat16).describe()["backend"] == "cpp"
+    with pytest.raises(BackendUnavailableError, match="float16"):
+        Engine.load(ckpt, dataset=tiny, backend="cpp", dtype=torch.float16)
+    # float16 on CPU: auto is torch (the C++ path scores in float32 or bfloat16)
+    assert Engine.load(ckpt, dataset=tiny, dtype=torch.float16).backend == "torch"
     with pytest.raises(InputError, match="unknown engine backend"):
         Engine.load(ckpt, dataset=tiny, backend="tpu")
     with pytest.raises(InputError, match="dtype"):
@@ -153,6 +160,24 @@ def test_backends(ckpt, tiny):
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="CUDA"):
             Engine.load(ckpt, dataset=tiny, device="cuda")
+
+
+def test_missing_extension_falls_back_to_torch_with_one_warning(ckpt, tiny, monkeypatch):
+    """Without the C++ extension (not built, or disabled) the package works: ``auto`` and
+    ``cpp`` score with torch, and say so once per process."""
+    monkeypatch.setattr(_ext, "_loaded", True)
+    monkeypatch.setattr(_ext, "_module", None)
+    monkeypatch.setattr(_ext, "_error", "not built in this test")
+    monkeypatch.setattr(_ext, "_warned", False)
+    with pytest.warns(RuntimeWarning, match="not built in this test.*torch backend"):
+        e = Engine.load(ckpt, dataset=tiny, backend="cpp")
+    assert e.backend == "torch"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        assert Engine.load(ckpt, dataset=tiny).backend == "torch"
+        assert Engine.load(ckpt, dataset=tiny, backend="cpp").backend == "torch"
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(ckpt, tiny):

@@ -1,0 +1,265 @@
+// srp4ctr._C: the C++ CPU scoring path (pybind11).
+//
+//   tower = _C.Tower(d_model, n_heads, layers, head_zn, rest, h1, precision, isa)
+//   tower.score(ids, tables, users, kv_dtype, out, threads)
+//
+// Weights arrive as float32 numpy arrays in nn.Linear layout and are packed here once.
+// Per request the tensors are passed as raw addresses (the Python wrapper in
+// srp4ctr/engine/backends.py owns them, checks shapes, dtypes and contiguity, and keeps them
+// alive for the call); this file checks what it can (ids in range, counts) before any work.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "tower.h"
+
+namespace py = pybind11;
+using srp4ctr::DType;
+using srp4ctr::Isa;
+using srp4ctr::Model;
+using srp4ctr::Packed;
+using srp4ctr::Precision;
+
+namespace {
+
+using F32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+float round_bf16(float f) {
+  uint32_t u = static_cast<uint32_t>(to_bf16(f)) << 16;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
+
+std::vector<float> vec(const F32Array& a, py::ssize_t n, const char* what) {
+  if (a.ndim() != 1 || a.shape(0) != n)
+    throw std::invalid_argument(std::string(what) + ": expected shape [" + std::to_string(n) + "]");
+  return std::vector<float>(a.data(), a.data() + n);
+}
+
+// nn.Linear weight W [N, K] -> GEMM operand B[k][n].
+Packed pack(const F32Array& w, py::ssize_t n_out, py::ssize_t k_in, bool pairs, bool round,
+            const char* what) {
+  if (w.ndim() != 2 || w.shape(0) != n_out || w.shape(1) != k_in)
+    throw std::invalid_argument(std::string(what) + ": expected shape [" + std::to_string(n_out) +
+                                ", " + std::to_string(k_in) + "], got a different one");
+  Packed p;
+  p.K = static_cast<int>(k_in);
+  p.N = static_cast<int>(n_out);
+  p.ldb = round_up(p.N, 16);
+  p.pairs = pairs;
+  const float* W = w.data();
+  if (pairs) {
+    const int K2 = (p.K + 1) / 2;
+    p.bf16.assign(static_cast<size_t>(K2) * p.ldb * 2, 0);
+    for (int n = 0; n < p.N; ++n)
+      for (int k = 0; k < p.K; ++k)
+        p.bf16[(static_cast<size_t>(k / 2) * p.ldb + n) * 2 + (k & 1)] =
+            to_bf16(W[static_cast<size_t>(n) * p.K + k]);
+  } else {
+    p.f32.assign(static_cast<size_t>(p.K) * p.ldb, 0.f);
+    for (int n = 0; n < p.N; ++n)
+      for (int k = 0; k < p.K; ++k) {
+        const float x = W[static_cast<size_t>(n) * p.K + k];
+        p.f32[static_cast<size_t>(k) * p.ldb + n] = round ? round_bf16(x) : x;
+      }
+  }
+  return p;
+}
+
+Isa pick_isa(const std::string& isa, Precision prec) {
+  const bool avx512 = srp4ctr::cpu_has_avx512();
+  const bool bf16 = srp4ctr::cpu_has_avx512_bf16();
+  if (isa == "generic") return Isa::kGeneric;
+  if (isa == "avx512") {
+    if (!avx512) throw std::runtime_error("isa='avx512': this CPU has no AVX-512 (F/BW/VL/DQ)");
+    if (prec == Precision::kBF16 && !bf16)
+      throw std::runtime_error("isa='avx512' with bf16 needs AVX512-BF16, which this CPU lacks");
+    return Isa::kAvx512;
+  }
+  if (isa != "auto") throw std::invalid_argument("isa must be 'auto', 'avx512' or 'generic'");
+  if (!avx512) return Isa::kGeneric;
+  if (prec == Precision::kBF16 && !bf16) return Isa::kGeneric;
+  return Isa::kAvx512;
+}
+
+class Tower {
+ public:
+  Tower(int d_model, int n_heads, const py::list& layers, py::object head_zn,
+        const py::list& rest, int h1, const std::string& precision, const std::string& isa) {
+    if (d_model <= 0 || n_heads <= 0 || d_model % n_heads)
+      throw std::invalid_argument("d_model must be a positive multiple of n_heads");
+    if (h1 <= 0) throw std::invalid_argument("h1 must be positive");
+    if (precision != "fp32" && precision != "bf16")
+      throw std::invalid_argument("precision must be 'fp32' or 'bf16'");
+    m_.d = d_model;
+    m_.heads = n_heads;
+    m_.head_dim = d_model / n_heads;
+    m_.h1 = h1;
+    m_.precision = precision == "bf16" ? Precision::kBF16 : Precision::kF32;
+    m_.isa = pick_isa(isa, m_.precision);
+    const bool pairs = m_.isa == Isa::kAvx512 && m_.precision == Precision::kBF16;
+    const bool round = m_.precision == Precision::kBF16;
+    const int d = d_model;
+    for (auto item : layers) {
+      auto L = item.cast<py::dict>();
+      auto get = [&](const char* k) { return L[k].cast<F32Array>(); };
+      F32Array w1 = get("w1");
+      if (w1.ndim() != 2 || w1.shape(1) != d) throw std::invalid_argument("w1: expected [F, d]");
+      const py::ssize_t F = w1.shape(0);
+      if (m_.ffn && m_.ffn != F) throw std::invalid_argument("every layer needs the same FFN width");
+      m_.ffn = static_cast<int>(F);
+      srp4ctr::LayerWeights lw;
+      lw.ln1_w = vec(get("ln1_w"), d, "ln1_w");
+      lw.ln1_b = vec(get("ln1_b"), d, "ln1_b");
+      lw.bq = vec(get("bq"), d, "bq");
+      lw.bo = vec(get("bo"), d, "bo");
+      lw.ln2_w = vec(get("ln2_w"), d, "ln2_w");
+      lw.ln2_b = vec(get("ln2_b"), d, "ln2_b");
+      lw.b1 = vec(get("b1"), F, "b1");
+      lw.b2 = vec(get("b2"), d, "b2");
+      lw.wq = pack(get("wq"), d, d, pairs, round, "wq");
+      lw.wo = pack(get("wo"), d, d, pairs, round, "wo");
+      lw.w1 = pack(w1, F, d, pairs, round, "w1");
+      lw.w2 = pack(get("w2"), d, F, pairs, round, "w2");
+      m_.layers.push_back(std::move(lw));
+    }
+    if (!m_.layers.empty()) {
+      if (head_zn.is_none()) throw std::invalid_argument("head_zn is required with tower layers");
+      m_.head_zn = pack(head_zn.cast<F32Array>(), h1, d, pairs, round, "head_zn");
+    }
+    int width = h1;
+    for (auto item : rest) {
+      auto t = item.cast<py::tuple>();
+      F32Array w = t[0].cast<F32Array>();
+      if (w.ndim() != 2 || w.shape(1) != width)
+        throw std::invalid_argument("rest: each head layer's input must be the previous output");
+      const py::ssize_t out = w.shape(0);
+      m_.rest.push_back(pack(w, out, width, pairs, round, "rest weight"));
+      m_.rest_b.push_back(vec(t[1].cast<F32Array>(), out, "rest bias"));
+      width = static_cast<int>(out);
+    }
+    if (width != 1) throw std::invalid_argument("the head must end in one output (the logit)");
+  }
+
+  // users: int64 [B, 5] rows (k address, v address, head_user address, history n, count).
+  void score(uintptr_t ids, int64_t n_ids, py::tuple tables, py::array_t<int64_t> users,
+             const std::string& kv_dtype, uintptr_t out, int threads) {
+    srp4ctr::Request r;
+    if (tables.size() != 5) throw std::invalid_argument("tables: (z0, q0, hz0, rows, dtype)");
+    r.z0 = reinterpret_cast<const void*>(tables[0].cast<uintptr_t>());
+    r.q0 = reinterpret_cast<const void*>(tables[1].cast<uintptr_t>());
+    r.hz0 = reinterpret_cast<const void*>(tables[2].cast<uintptr_t>());
+    r.n_rows = tables[3].cast<int64_t>();
+    r.table_dtype = dtype(tables[4].cast<std::string>());
+    r.kv_dtype = dtype(kv_dtype);
+    r.ids = reinterpret_cast<const int64_t*>(ids);
+    r.out = reinterpret_cast<float*>(out);
+    r.threads = std::max(1, threads);
+    if (users.ndim() != 2 || users.shape(1) != 5)
+      throw std::invalid_argument("users: expected an int64 array [B, 5]");
+    auto u = users.unchecked<2>();
+    int64_t total = 0;
+    for (py::ssize_t b = 0; b < users.shape(0); ++b) {
+      srp4ctr::UserRef ref;
+      ref.k = reinterpret_cast<const void*>(static_cast<uintptr_t>(u(b, 0)));
+      ref.v = reinterpret_cast<const void*>(static_cast<uintptr_t>(u(b, 1)));
+      ref.head_user = reinterpret_cast<const void*>(static_cast<uintptr_t>(u(b, 2)));
+      ref.n = u(b, 3);
+      ref.count = u(b, 4);
+      if (ref.n < 0 || ref.count < 0) throw std::invalid_argument("negative history or count");
+      if (!ref.head_user || (ref.n && !m_.layers.empty() && (!ref.k || !ref.v)))
+        throw std::invalid_argument("null cache address");
+      total += ref.count;
+      r.users.push_back(ref);
+    }
+    if (total != n_ids) throw std::invalid_argument("the counts do not add up to the ids");
+    if (!r.z0 || !r.hz0 || (!m_.layers.empty() && !r.q0) || (n_ids && (!r.ids || !r.out)))
+      throw std::invalid_argument("null table or buffer address");
+    for (int64_t i = 0; i < n_ids; ++i)
+      if (r.ids[i] < 0 || r.ids[i] >= r.n_rows)
+        throw std::out_of_range("item row " + std::to_string(r.ids[i]) + " outside the tables");
+    if (n_ids == 0) return;
+    py::gil_scoped_release nogil;
+    if (m_.isa == Isa::kAvx512)
+      srp4ctr::score_avx512(m_, r);
+    else
+      srp4ctr::score_generic(m_, r);
+  }
+
+  std::string isa() const { return m_.isa == Isa::kAvx512 ? "avx512" : "generic"; }
+  std::string precision() const { return m_.precision == Precision::kBF16 ? "bf16" : "fp32"; }
+
+ private:
+  static DType dtype(const std::string& s) {
+    if (s == "float32") return DType::kF32;
+    if (s == "bfloat16") return DType::kBF16;
+    throw std::invalid_argument("dtype must be 'float32' or 'bfloat16', got '" + s + "'");
+  }
+  Model m_;
+};
+
+}  // namespace
+
+namespace srp4ctr {
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512_bf16() {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#elif defined(__x86_64__) || defined(__i386__)
+  // CPUID leaf 7 sub-leaf 1, EAX bit 5
+  unsigned a = 7, b = 0, c = 1, d = 0;
+  __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
+  return cpu_has_avx512() && ((a >> 5) & 1u);
+#else
+  return false;
+#endif
+}
+
+}  // namespace srp4ctr
+
+PYBIND11_MODULE(_C, mod) {
+  mod.doc() = "srp4ctr C++ CPU kernels: the folded candidate tower (fp32 / bf16)";
+  py::class_<Tower>(mod, "Tower")
+      .def(py::init<int, int, const py::list&, py::object, const py::list&, int,
+                    const std::string&, const std::string&>(),
+           py::arg("d_model"), py::arg("n_heads"), py::arg("layers"), py::arg("head_zn"),
+           py::arg("rest"), py::arg("h1"), py::arg("precision") = "fp32",
+           py::arg("isa") = "auto")
+      .def("score", &Tower::score, py::arg("ids"), py::arg("n_ids"), py::arg("tables"),
+           py::arg("users"), py::arg("kv_dtype"), py::arg("out"), py::arg("threads"))
+      .def_property_readonly("isa", &Tower::isa)
+      .def_property_readonly("precision", &Tower::precision);
+  mod.def("cpu_features", [] {
+    py::dict d;
+    d["avx512"] = srp4ctr::cpu_has_avx512();
+    d["avx512_bf16"] = srp4ctr::cpu_has_avx512_bf16();
+    return d;
+  });
+}

@@ -1,0 +1,84 @@
+// The candidate side of folded SRP4CTR inference on CPU: shared declarations.
+//
+// One request = one or more users, each with its cached per-layer K/V ([n, H, Dh] per layer)
+// and head block, and its candidates (internal item ids). Per candidate (engine/folded.py):
+//
+//   z = z0[id];  for layer l:  q = (l == 0 ? q0[id] : LN1(z) Wq^T + bq)
+//                              a_h = softmax(q_h K_h^T / sqrt(Dh)) V_h     (per head h)
+//                              z += a Wo^T + bo;  z += gelu(LN2(z) W1^T + b1) W2^T + b2
+//   h = hz0[id] + head_user + z Wzn^T;  for each remaining layer: h = relu(h) W^T + b
+//   logit = h[0]
+//
+// Candidates are processed in tiles of rows; every matrix product is a small GEMM of a tile
+// against a weight packed once when the model is built (fp32: [K][Npad]; bf16: pairs of K
+// interleaved, [K/2][Npad][2], the operand layout of AVX512-BF16's vdpbf16ps).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace srp4ctr {
+
+enum class Precision { kF32 = 0, kBF16 = 1 };
+enum class Isa { kGeneric = 0, kAvx512 = 1 };
+enum class DType { kF32 = 0, kBF16 = 1 };
+
+// A weight matrix in GEMM operand form: B[k][n] = W[n][k] for an nn.Linear weight W [N, K].
+struct Packed {
+  int K = 0, N = 0, ldb = 0;  // ldb = N rounded up to 16 (zero columns)
+  bool pairs = false;         // bf16 pair layout
+  std::vector<float> f32;     // [K][ldb]
+  std::vector<uint16_t> bf16; // [ceil(K/2)][ldb][2]
+};
+
+struct LayerWeights {
+  std::vector<float> ln1_w, ln1_b, bq, bo, ln2_w, ln2_b, b1, b2;
+  Packed wq, wo, w1, w2;
+};
+
+struct Model {
+  int d = 0, heads = 0, head_dim = 0, ffn = 0, h1 = 0;
+  Precision precision = Precision::kF32;
+  Isa isa = Isa::kGeneric;
+  std::vector<LayerWeights> layers;
+  Packed head_zn;                          // [d] -> [h1] (unused without layers)
+  std::vector<Packed> rest;                // remaining head layers, ReLU before each
+  std::vector<std::vector<float>> rest_b;  // their biases
+};
+
+// One user of a request: pointers into the caller's tensors (contiguous).
+struct UserRef {
+  const void* k = nullptr;  // [n_layers, n, H, Dh] in kv dtype
+  const void* v = nullptr;
+  const void* head_user = nullptr;  // [h1] in kv dtype
+  int64_t n = 0;                    // history rows
+  int64_t count = 0;                // candidates of this user
+};
+
+struct Request {
+  const int64_t* ids = nullptr;  // [sum(count)] row indices into the tables
+  int64_t n_rows = 0;            // rows of each table (ids are checked against it)
+  const void* z0 = nullptr;      // [n_rows, d]
+  const void* q0 = nullptr;      // [n_rows, d] (first layer's query; null without layers)
+  const void* hz0 = nullptr;     // [n_rows, h1]
+  DType table_dtype = DType::kF32;
+  DType kv_dtype = DType::kF32;
+  std::vector<UserRef> users;
+  float* out = nullptr;  // [sum(count)] logits
+  int threads = 1;
+};
+
+// Implementations (one translation unit per instruction set).
+void score_generic(const Model& m, const Request& r);
+void score_avx512(const Model& m, const Request& r);
+
+bool cpu_has_avx512();       // avx512f + bw + vl + dq
+bool cpu_has_avx512_bf16();  // and avx512_bf16
+
+// Thread pool shared by every model: fn(task, worker) for task in [0, n_tasks).
+void parallel_for(int n_tasks, int threads, void (*fn)(void*, int, int), void* ctx);
+
+}  // namespace srp4ctr

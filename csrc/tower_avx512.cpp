@@ -1,0 +1,293 @@
+// AVX-512 implementation (fp32 FMA; bf16 with AVX512-BF16 vdpbf16ps, fp32 accumulation).
+//
+// Every function in this file is compiled for AVX-512 through the target pragma below, and the
+// file is entered only after the CPU was checked (module.cpp), so the package still loads and
+// runs its generic path on a CPU without AVX-512.
+//
+// GEMM: C[M x N] (+)= A[M x K] * B, B packed [K][ldb] (fp32) or [K/2][ldb][2] (bf16 pairs).
+// The micro-kernel keeps an MR x (16 * NV) block of C in registers (MR * NV + NV + 1 <= 32 zmm),
+// streams B rows and broadcasts A elements; N is covered in blocks of 64 columns with a masked
+// store for the last vector, M in blocks of MR with smaller kernels for the remainder.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+#elif defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma"))), apply_to = function)
+#endif
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "tower.h"
+
+namespace srp4ctr {
+namespace {
+
+#include "tower_driver.inc"
+
+inline __mmask16 tail_mask(int cols) {  // cols in [1, 16]
+  return static_cast<__mmask16>(cols >= 16 ? 0xffff : ((1u << cols) - 1u));
+}
+
+// exp(x) for x <= 0 (softmax arguments): Cephes expf's range reduction and minimax polynomial,
+// 2^n applied with scalef; about 1 ulp.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.33654f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// erf(x): Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), odd extension.
+inline __m512 erf_ps(__m512 x) {
+  const __m512 ax = _mm512_abs_ps(x);
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f),
+                                 _mm512_fmadd_ps(ax, _mm512_set1_ps(0.3275911f),
+                                                 _mm512_set1_ps(1.0f)));
+  __m512 p = _mm512_set1_ps(1.061405429f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+  p = _mm512_mul_ps(p, t);
+  const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(ax, ax)));
+  const __m512 y = _mm512_fnmadd_ps(p, e, _mm512_set1_ps(1.0f));
+  // copy the sign of x
+  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x80000000));
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y), sign));
+}
+
+// ---------------------------------------------------------------------------- fp32 GEMM
+template <int MR, int NV>
+inline void ukernel_f32(int K, const float* A, int lda, const float* B, int ldb, float* C,
+                        int ldc, const float* bias, bool acc, __mmask16 last) {
+  __m512 c[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) c[i][j] = _mm512_setzero_ps();
+  for (int k = 0; k < K; ++k) {
+    __m512 b[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) b[j] = _mm512_loadu_ps(B + static_cast<size_t>(k) * ldb + 16 * j);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512 a = _mm512_set1_ps(A[static_cast<size_t>(i) * lda + k]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) c[i][j] = _mm512_fmadd_ps(a, b[j], c[i][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) {
+    const __mmask16 mk = j == NV - 1 ? last : static_cast<__mmask16>(0xffff);
+    const __m512 bj = bias ? _mm512_maskz_loadu_ps(mk, bias + 16 * j) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      float* cp = C + static_cast<size_t>(i) * ldc + 16 * j;
+      __m512 v = _mm512_add_ps(c[i][j], bj);
+      if (acc) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, cp));
+      _mm512_mask_storeu_ps(cp, mk, v);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- bf16 GEMM
+// A is bf16 [M][lda2] with K rounded up to even (zero pad); B pairs [K/2][ldb][2].
+template <int MR, int NV>
+inline void ukernel_bf16(int K2, const uint16_t* A, int lda, const uint16_t* B, int ldb,
+                         float* C, int ldc, const float* bias, bool acc, __mmask16 last) {
+  __m512 c[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) c[i][j] = _mm512_setzero_ps();
+  for (int kp = 0; kp < K2; ++kp) {
+    __m512bh b[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j)
+      b[j] = (__m512bh)_mm512_loadu_si512(B + (static_cast<size_t>(kp) * ldb + 16 * j) * 2);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      int32_t pair;
+      std::memcpy(&pair, A + static_cast<size_t>(i) * lda + 2 * kp, 4);
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) c[i][j] = _mm512_dpbf16_ps(c[i][j], a, b[j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) {
+    const __mmask16 mk = j == NV - 1 ? last : static_cast<__mmask16>(0xffff);
+    const __m512 bj = bias ? _mm512_maskz_loadu_ps(mk, bias + 16 * j) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      float* cp = C + static_cast<size_t>(i) * ldc + 16 * j;
+      __m512 v = _mm512_add_ps(c[i][j], bj);
+      if (acc) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, cp));
+      _mm512_mask_storeu_ps(cp, mk, v);
+    }
+  }
+}
+
+// Rows of a block: full MR kernels, then one smaller kernel for the remainder.
+template <bool kBf16, int MR, int NV>
+struct Rows {
+  template <class TA, class TB>
+  static void run(int M, int K, const TA* A, int lda, const TB* B, int ldb, float* C, int ldc,
+                  const float* bias, bool acc, __mmask16 last) {
+    int i = 0;
+    for (; i + MR <= M; i += MR) call<MR>(K, A + static_cast<size_t>(i) * lda, lda, B, ldb,
+                                          C + static_cast<size_t>(i) * ldc, ldc, bias, acc, last);
+    const int rem = M - i;
+    if (rem) tail<MR - 1>(rem, K, A + static_cast<size_t>(i) * lda, lda, B, ldb,
+                          C + static_cast<size_t>(i) * ldc, ldc, bias, acc, last);
+  }
+  template <int R, class TA, class TB>
+  static void call(int K, const TA* A, int lda, const TB* B, int ldb, float* C, int ldc,
+                   const float* bias, bool acc, __mmask16 last) {
+    if constexpr (kBf16)
+      ukernel_bf16<R, NV>(K, A, lda, B, ldb, C, ldc, bias, acc, last);
+    else
+      ukernel_f32<R, NV>(K, A, lda, B, ldb, C, ldc, bias, acc, last);
+  }
+  template <int R, class TA, class TB>
+  static void tail(int rem, int K, const TA* A, int lda, const TB* B, int ldb, float* C, int ldc,
+                   const float* bias, bool acc, __mmask16 last) {
+    if constexpr (R >= 1) {
+      if (rem == R) return call<R>(K, A, lda, B, ldb, C, ldc, bias, acc, last);
+      tail<R - 1>(rem, K, A, lda, B, ldb, C, ldc, bias, acc, last);
+    }
+  }
+};
+
+template <bool kBf16, class TA, class TB>
+void gemm_blocks(int M, int N, int K, const TA* A, int lda, const TB* B, int ldb, float* C,
+                 int ldc, const float* bias, bool acc) {
+  constexpr int kElt = kBf16 ? 2 : 1;  // B elements per column per k step
+  for (int n0 = 0; n0 < N; n0 += 64) {
+    const int cols = std::min(64, N - n0);
+    const int nv = (cols + 15) / 16;
+    const __mmask16 last = tail_mask(cols - 16 * (nv - 1));
+    const TB* Bn = B + static_cast<size_t>(n0) * kElt;
+    float* Cn = C + n0;
+    const float* bn = bias ? bias + n0 : nullptr;
+    switch (nv) {
+      case 4: Rows<kBf16, 6, 4>::run(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, last); break;
+      case 3: Rows<kBf16, 8, 3>::run(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, last); break;
+      case 2: Rows<kBf16, 12, 2>::run(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, last); break;
+      default: Rows<kBf16, 16, 1>::run(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, last); break;
+    }
+  }
+}
+
+inline void softmax_rows_avx512(int M, int n, float* S, int lds, float scale, float* rinv) {
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int i = 0; i < M; ++i) {
+    float* s = S + static_cast<size_t>(i) * lds;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    int j = 0;
+    for (; j + 16 <= n; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j));
+    if (j < n) mx = _mm512_mask_max_ps(mx, tail_mask(n - j), mx, _mm512_maskz_loadu_ps(tail_mask(n - j), s + j));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (j = 0; j + 16 <= n; j += 16) {
+      const __m512 p = exp_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), m), vs));
+      _mm512_storeu_ps(s + j, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    if (j < n) {
+      const __mmask16 mk = tail_mask(n - j);
+      const __m512 p = exp_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + j), m), vs));
+      _mm512_mask_storeu_ps(s + j, mk, p);
+      sum = _mm512_mask_add_ps(sum, mk, sum, p);
+    }
+    rinv[i] = 1.0f / _mm512_reduce_add_ps(sum);
+  }
+}
+
+inline void gelu_avx512(float* x, int64_t count) {
+  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f),
+               rs2 = _mm512_set1_ps(0.70710678118654752f);
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_mul_ps(half, v),
+                                          _mm512_add_ps(one, erf_ps(_mm512_mul_ps(v, rs2)))));
+  }
+  if (i < count) {
+    const __mmask16 mk = tail_mask(static_cast<int>(count - i));
+    const __m512 v = _mm512_maskz_loadu_ps(mk, x + i);
+    _mm512_mask_storeu_ps(x + i, mk, _mm512_mul_ps(_mm512_mul_ps(half, v),
+                                                   _mm512_add_ps(one, erf_ps(_mm512_mul_ps(v, rs2)))));
+  }
+}
+
+struct Avx512F32 {
+  static constexpr bool kPairs = false;
+  static void gemm(int M, const float* A, int lda, const BView& B, float* C, int ldc,
+                   const float* bias, bool acc, Scratch& /*s*/) {
+    gemm_blocks<false>(M, B.N, B.K, A, lda, B.f32, B.ldb, C, ldc, bias, acc);
+  }
+  static void softmax_rows(int M, int n, float* S, int lds, float scale, float* rinv) {
+    softmax_rows_avx512(M, n, S, lds, scale, rinv);
+  }
+  static void gelu(float* x, int64_t count) { gelu_avx512(x, count); }
+};
+
+struct Avx512Bf16 {
+  static constexpr bool kPairs = true;
+  // A (fp32) is rounded to bf16 once per product into the scratch, K padded to even with zeros.
+  static void gemm(int M, const float* A, int lda, const BView& B, float* C, int ldc,
+                   const float* bias, bool acc, Scratch& s) {
+    const int K = B.K, K2 = (K + 1) / 2, lda2 = 2 * K2;
+    uint16_t* a16 = s.abf.data();
+    for (int i = 0; i < M; ++i) {
+      const float* src = A + static_cast<size_t>(i) * lda;
+      uint16_t* dst = a16 + static_cast<size_t>(i) * lda2;
+      int k = 0;
+      for (; k + 32 <= K; k += 32) {
+        const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + k + 16), _mm512_loadu_ps(src + k));
+        _mm512_storeu_si512(dst + k, (__m512i)v);
+      }
+      for (; k < lda2; k += 16) {
+        const int left = K - k;
+        const __mmask16 mk = left >= 16 ? static_cast<__mmask16>(0xffff)
+                                        : (left > 0 ? tail_mask(left) : static_cast<__mmask16>(0));
+        const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, src + k));
+        const int w = std::min(16, lda2 - k);
+        _mm256_mask_storeu_epi16(dst + k, static_cast<__mmask16>(tail_mask(w)), (__m256i)v);
+      }
+    }
+    gemm_blocks<true>(M, B.N, K2, a16, lda2, B.bf16, B.ldb, C, ldc, bias, acc);
+  }
+  static void softmax_rows(int M, int n, float* S, int lds, float scale, float* rinv) {
+    softmax_rows_avx512(M, n, S, lds, scale, rinv);
+  }
+  static void gelu(float* x, int64_t count) { gelu_avx512(x, count); }
+};
+
+}  // namespace
+
+void score_avx512(const Model& m, const Request& r) {
+  if (m.precision == Precision::kBF16)
+    score_request<Avx512Bf16>(m, r, 32);
+  else
+    score_request<Avx512F32>(m, r, 32);
+}
+
+}  // namespace srp4ctr
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif

@@ -1,0 +1,33 @@
+"""Build of the optional C++ extension ``srp4ctr._C`` (csrc/); everything else is in pyproject.toml.
+
+The extension is optional: when it cannot be compiled (no C++17 compiler, an unsupported
+platform), installation still succeeds and the engine falls back to its torch backend with one
+warning. Set ``SRP4CTR_NO_EXT=1`` to skip it on purpose.
+"""
+
+import os
+import sys
+
+from setuptools import setup
+
+ext_modules = []
+if os.environ.get("SRP4CTR_NO_EXT", "0") in ("", "0"):
+    try:
+        from pybind11.setup_helpers import Pybind11Extension
+    except ImportError:  # pybind11 is a build requirement; only a --no-build-isolation build lacks it
+        print("srp4ctr: pybind11 not found, building without the C++ extension", file=sys.stderr)
+    else:
+        flags = ["-O3", "-fno-math-errno"] if sys.platform != "win32" else ["/O2"]
+        ext = Pybind11Extension(
+            "srp4ctr._C",
+            sources=["csrc/module.cpp", "csrc/threadpool.cpp", "csrc/tower_generic.cpp",
+                     "csrc/tower_avx512.cpp"],
+            include_dirs=["csrc"],
+            cxx_std=17,
+            extra_compile_args=flags,
+            depends=["csrc/tower.h", "csrc/tower_driver.inc"],
+        )
+        ext.optional = True  # a failed compile is a warning, not a failed install
+        ext_modules.append(ext)
+
+setup(ext_modules=ext_modules)
