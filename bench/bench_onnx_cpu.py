@@ -1,23 +1,24 @@
 """CPU latency of the exported scorer graph in ONNX Runtime beside the engine's torch backend.
 
-Run explicitly (bench/ is not in the default test paths)::
+Run explicitly (bench/ is not in the default test paths), or through ``srp4ctr bench``::
 
     python -m pytest bench/bench_onnx_cpu.py --benchmark-json=bench/results/onnx_cpu.json
 
-Model and data as ``bench_engine_cpu.py``: d = 64, 2 layers, 2 heads, 4 Q-Former queries, head
-384 -> 200 -> 80 -> 1, L = 200, random weights (timing only), a synthetic MovieLens-1M-format
-dataset in a temporary folder. The model is exported twice with
-:func:`srp4ctr.engine.onnx_export.export_engine` (scorer attention ``"attention"``: the ONNX
-``Attention`` op, opset 23; ``"matmul"``: MatMul/Softmax, also at opset 23 so that only the attention differs). One user with a 200-interaction
-history, its cache already computed (a cache hit); C candidates.
+Model and data: the ``served`` fixture (``bench/conftest.py``), as ``bench_engine_cpu.py``:
+d = 64, 2 layers, 2 heads, 4 Q-Former queries, head 384 -> 200 -> 80 -> 1, L = 200, random
+weights (timing only), a synthetic MovieLens-1M-format dataset in a temporary folder. The model is
+exported twice with :func:`srp4ctr.engine.onnx_export.export_engine` (scorer attention
+``"attention"``: the ONNX ``Attention`` op, opset 23; ``"matmul"``: MatMul/Softmax, also at opset
+23 so that only the attention differs). One user with a 200-interaction history, its cache
+already computed (a cache hit); C candidates (100, 1000, 4096; 100 in a smoke run).
 
 Providers (torch with ``torch.set_num_threads(THREADS)``, ONNX Runtime with
-``intra_op_num_threads = THREADS``, ``inter_op_num_threads = 1``):
+``intra_op_num_threads = THREADS``, ``inter_op_num_threads = 1``; baseline ``engine_backend``):
 
 - ``ort_attention`` / ``ort_matmul``: ``scorer.onnx`` alone (``InferenceSession.run``), internal
   item ids in, probabilities out.
 - ``engine_backend``: the engine's torch backend on the same internal ids, in the engine's
-  chunks (``Engine._logits_one`` + sigmoid): the graph's torch counterpart.
+  chunks (``Engine._logits_one`` + sigmoid): the graph's eager-torch counterpart.
 - ``engine_score``: ``Engine.score(cache, raw ids)``, the engine's whole public call (id mapping,
   cache checks, chunks).
 - ``onnx_server``: ``examples/serve_onnx.py``'s ``OnnxServer.score(cache, raw ids)``, the
@@ -26,9 +27,9 @@ Providers (torch with ``torch.set_num_threads(THREADS)``, ONNX Runtime with
 ``test_scorer_latency`` times each provider on its own (pytest-benchmark rows);
 ``test_interleaved_ratios`` times them all round-robin (rotating the order every round) and
 stores the medians and ratios in ``extra_info`` — the figures to quote on a shared machine.
-``extra_info`` records shapes, analytic FLOPs (:func:`srp4ctr.models.flops_per_request`), the
-provider, ONNX Runtime's execution provider, threads, spinning, load average, machine and
-versions.
+``extra_info`` records shapes, analytic FLOPs of the candidate side
+(:func:`srp4ctr.models.flops_per_request`), the provider, ONNX Runtime's execution provider,
+threads, spinning and the machine.
 
 ONNX Runtime's worker threads do not spin by default here (``session.intra_op.allow_spinning =
 0``, the counterpart of the ``OMP_WAIT_POLICY=PASSIVE`` the torch providers get): on a shared
@@ -39,30 +40,24 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench_engine_cpu.py, before torch loads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see conftest)
 import importlib.util
-import platform
 import sys
-import tempfile
-import time
 from pathlib import Path
 
+import benchlib
 import numpy as np
 import pytest
 import torch
-from bench_engine_cpu import CONFIG, HIST, THREADS, _write_ml1m  # same model, data, threads
-
-from srp4ctr import data
-from srp4ctr.engine import Engine
-from srp4ctr.engine.onnx_export import export_engine
-from srp4ctr.models import SRP4CTR, ModelConfig, ModelSpec, flops_per_request
+from benchlib import HIST
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-CANDIDATES = (100, 1000, 4096)
-SPIN = os.environ.get("SRP4CTR_BENCH_ORT_SPIN", "0")
+CANDIDATES = benchlib.pick((100, 1000, 4096), (100,))
+TABLE = "scorer graph (user cached)"
 PROVIDERS = ("ort_attention", "ort_matmul", "engine_backend", "engine_score", "onnx_server")
+BASELINE = "engine_backend"
 # pairs (a, b) whose ratio median(b) / median(a) the interleaved test reports
 RATIOS = (("ort_attention", "ort_matmul"), ("ort_attention", "engine_backend"),
           ("ort_matmul", "engine_backend"), ("onnx_server", "engine_score"))
@@ -77,58 +72,26 @@ def _example():
     return module
 
 
-def _session(path: Path):
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", SPIN)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 @pytest.fixture(scope="module")
-def setup():
-    torch.set_num_threads(THREADS)
-    with tempfile.TemporaryDirectory(prefix="srp4ctr-bench-onnx-") as tmp:
-        root = Path(tmp)
-        ds = data.prepare("ml-1m", path=str(_write_ml1m(root / "ml-1m")),
-                          data_dir=str(root / "cache"), progress=False, max_len=HIST)
-        torch.manual_seed(0)
-        cfg = ModelConfig(**CONFIG)
-        model = SRP4CTR(ModelSpec.from_dataset(ds), cfg).eval()
-        engine = Engine.from_model(model, ds)
-        for variant in ("attention", "matmul"):
-            export_engine(engine, root / variant, attention=variant, opset=23)
-        serve_onnx = _example()
-        server = serve_onnx.OnnxServer(root / "attention", threads=THREADS)
-        server.scorer = _session(root / "attention" / "scorer.onnx")  # same spinning setting
-        rows = ds.user_rows(1)
-        history = {
-            "item_id": ds.item_raw[ds.item[rows]],
-            "rating": np.asarray(ds.value_vocab)[ds.behaviour["rating"][rows] - 1],
-            "timestamp": ds.timestamp[rows],
-            "user_id": int(ds.user_raw[1]),
-        }
-        cache = engine.encode_user(history)
-        assert cache.length == HIST
-        rng = np.random.default_rng(1)
-        ids = {C: rng.integers(1, ds.n_items + 1, size=C).astype(np.int64) for C in CANDIDATES}
-        yield {
-            "ds": ds, "cfg": cfg, "engine": engine, "cache": cache,
-            "server": server, "server_cache": server.encode_user(history),
-            "sessions": {v: _session(root / v / "scorer.onnx") for v in ("attention", "matmul")},
-            "ids": ids,
-        }
+def setup(served):
+    engine = served.engine("torch")
+    server = _example().OnnxServer(served.onnx_dir("attention"), threads=benchlib.THREADS)
+    server.scorer = served.session("attention")  # same spinning setting as the other sessions
+    cache = engine.encode_user(served.history)
+    assert cache.length == HIST
+    return {"engine": engine, "cache": cache, "server": server,
+            "server_cache": server.encode_user(served.history)}
 
 
-def _calls(setup, C):
+def _calls(served, setup, C):
     """The providers' callables for C candidates, and the engine's probabilities."""
-    engine, cache, ds = setup["engine"], setup["cache"], setup["ds"]
-    ids = setup["ids"][C]
-    raw = ds.item_raw[ids]
+    engine, cache = setup["engine"], setup["cache"]
+    raw = served.candidates(C)
+    ids = served.ds.encode_items(raw).astype(np.int64)
     ids_t = torch.as_tensor(ids)
     feed = {"k": cache.k.numpy(), "v": cache.v.numpy(), "head_user": cache.head_user.numpy(),
             "cand_item": ids}
-    att, mm = setup["sessions"]["attention"], setup["sessions"]["matmul"]
+    att, mm = served.session("attention"), served.session("matmul")
     server, server_cache = setup["server"], setup["server_cache"]
 
     def backend():
@@ -145,67 +108,51 @@ def _calls(setup, C):
     return calls, backend().numpy()
 
 
-def _info(setup, C, provider=None) -> dict:
-    cfg, ds = setup["cfg"], setup["ds"]
-    flops = flops_per_request("srp4ctr", cfg, HIST, C, n_user_fields=len(ds.user_fields))
-    info = {
+def _info(served, C) -> dict:
+    cfg, f = served.cfg, served.flops(C)
+    return {
         "C": C, "history": HIST, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
         "n_heads": cfg.n_heads, "n_queries": cfg.n_queries, "head_hidden": list(cfg.head_hidden),
-        "flops_per_candidate": flops.per_candidate, "flops_candidates": flops.per_candidate * C,
-        "ort_execution_provider": "CPUExecutionProvider", "ort_intra_op_threads": THREADS,
-        "ort_allow_spinning": SPIN, "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "engine_chunk": setup["engine"].chunk_candidates(HIST),
-        "loadavg_1m": os.getloadavg()[0], "machine": platform.machine(),
-        "processor": platform.processor(), "cpu_count": os.cpu_count(),
-        "onnxruntime": ort.__version__, "torch": torch.__version__,
-        "python": platform.python_version(),
+        "flops_per_candidate": f.per_candidate, "flops_candidates": f.per_candidate * C,
+        "ort_execution_provider": "CPUExecutionProvider", "ort_intra_op_threads": benchlib.THREADS,
+        "ort_allow_spinning": benchlib.ORT_SPIN,
+        "engine_chunk": served.engine("torch").chunk_candidates(HIST),
     }
-    if provider is not None:
-        info["provider"] = provider
-    return info
 
 
 @pytest.mark.parametrize("C", CANDIDATES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_scorer_latency(benchmark, setup, provider, C):
+def test_scorer_latency(benchmark, served, setup, provider, C):
     """One provider, timed by pytest-benchmark (median over the rounds)."""
-    torch.set_num_threads(THREADS)
-    calls, reference = _calls(setup, C)
+    calls, reference = _calls(served, setup, C)
     fn = calls[provider]
-    out = fn()
-    max_abs_diff = float(np.abs(np.asarray(out) - reference).max())
+    max_abs_diff = float(np.abs(benchlib.to_numpy(fn()) - reference).max())
     assert max_abs_diff <= 1e-5  # every provider computes the same probabilities
-    benchmark.pedantic(fn, rounds=20, warmup_rounds=2, iterations=1)
-    benchmark.group = f"C={C}"
-    benchmark.extra_info.update(_info(setup, C, provider), max_abs_diff=max_abs_diff)
+    benchlib.timed(benchmark, fn, 20, 2)
+    info = _info(served, C)
+    benchlib.record(benchmark, table=TABLE, case=f"C={C}", provider=provider, baseline=BASELINE,
+                    x=C, flops=info["flops_candidates"], max_abs_diff=max_abs_diff, **info)
 
 
 @pytest.mark.parametrize("C", CANDIDATES)
-def test_interleaved_ratios(benchmark, setup, C):
+def test_interleaved_ratios(benchmark, served, setup, C):
     """All providers round-robin (the order rotated every round), so that load changes on a
     shared machine hit every provider alike; ``extra_info``: ``medians_ms``, ``gflops`` (model
     FLOPs of the candidates / median time) and ``ratios`` (``b/a``: how much longer b takes).
     The benchmark row itself is one timed call of ``ort_attention``."""
-    torch.set_num_threads(THREADS)
-    calls, _ = _calls(setup, C)
-    rounds = 40
-    times: dict[str, list[float]] = {p: [] for p in PROVIDERS}
-    for fn in calls.values():  # warm-up
+    calls, _ = _calls(served, setup, C)
+    for fn in calls.values():  # a second warm-up call (interleave makes one)
         fn()
-        fn()
-    for r in range(rounds):
-        k = r % len(PROVIDERS)
-        for p in PROVIDERS[k:] + PROVIDERS[:k]:
-            t0 = time.perf_counter()
-            calls[p]()
-            times[p].append(time.perf_counter() - t0)
-    benchmark.pedantic(calls["ort_attention"], rounds=1, iterations=1)
-    med = {p: 1e3 * float(np.median(t)) for p, t in times.items()}
-    info = _info(setup, C)
-    benchmark.group = f"interleaved C={C}"
-    benchmark.extra_info.update(
-        info, provider="interleaved", rounds=rounds, medians_ms=med,
+    med, counts = benchlib.interleave(calls, benchlib.rounds(40))
+    benchlib.timed(benchmark, calls["ort_attention"], 1, 0)
+    info = _info(served, C)
+    benchlib.record(
+        benchmark, table="interleaved", case=f"C={C}", provider="interleaved", x=C,
+        interleaved=True, medians_ms=med, rounds=counts,
+        provider_tables=dict.fromkeys(calls, TABLE), baselines={TABLE: BASELINE},
+        flops_by_provider=dict.fromkeys(calls, info["flops_candidates"]),
+        dtype_by_provider=dict.fromkeys(calls, "float32"),
         gflops={p: info["flops_candidates"] / (m * 1e6) for p, m in med.items()},
         ratios={f"{b}/{a}": med[b] / med[a] for a, b in RATIOS},
+        **info,
     )
