@@ -314,6 +314,42 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--data-dir", default=None, help="dataset cache folder")
     p_demo.set_defaults(func=_cmd_demo)
 
+    # srp4ctr bench: the benchmark suites of bench/ and bench/report.md (srp4ctr/bench_report.py,
+    # imported only when the command runs: pytest, torch and matplotlib load in its own process)
+    def _cmd_bench(args: argparse.Namespace) -> int:
+        from srp4ctr.bench_report import cli_bench
+
+        return cli_bench(args)
+
+    p_bench = sub.add_parser(
+        "bench",
+        help="run the CPU benchmark suites and write bench/report.md with tables and plots",
+        description="Run the pytest-benchmark suites of the repository's bench/ folder (machine "
+        "ceilings, engine CPU scoring, end-to-end request, ONNX Runtime, kernel ops, training "
+        "throughput; CUDA cases skip without a GPU) in one process with --benchmark-json, keep "
+        "one JSON per suite under OUT/results/, then write OUT/report.md (medians, speed-ups "
+        "against eager torch, fractions of the GEMM rate measured in the same run, the issues' "
+        "performance goals met or not) and OUT/plots/*.png. Needs a clone (bench/ is not "
+        "installed) and the bench and onnx extras. The full run takes several minutes.",
+    )
+    p_bench.add_argument("--suites", default=None,
+                         help="comma-separated subset of engine_cpu, request, onnx_cpu, kernels, "
+                         "training (default: all; the ceilings always run)")
+    p_bench.add_argument("--smoke", action="store_true",
+                         help="one round per case and the smallest shapes: checks that the "
+                         "suites run, measures nothing (default --out: a new temporary folder)")
+    p_bench.add_argument("--out", default=None,
+                         help="folder of report.md, plots/ and results/ (default: bench/)")
+    p_bench.add_argument("--results", default=None,
+                         help="folder of the per-suite JSON (default: OUT/results)")
+    p_bench.add_argument("--report-only", action="store_true",
+                         help="rebuild the report from the JSON already in the results folder")
+    p_bench.add_argument("--bench-dir", default=None,
+                         help="the bench/ folder with the suites (default: ./bench)")
+    p_bench.add_argument("--timeout-s", type=float, default=None,
+                         help="stop the suites after this many seconds (default: no limit)")
+    p_bench.set_defaults(func=_cmd_bench)
+
     return parser
 
 

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 # the C++ extension is part of the install: its tests fail (not skip) when it is missing
 export SRP4CTR_REQUIRE_CPP=1
 python -m pytest -q "$@"
+(out=$(mktemp -d); trap 'rm -rf "$out"' EXIT; python -m srp4ctr bench --smoke --out "$out" --timeout-s 300 | tail -n 8)  # benchmark suites, one round each: they must not rot
 if python -c "import triton" 2>/dev/null; then
   TRITON_INTERPRET=1 python -m pytest -q -m interpreter "$@"
 else
