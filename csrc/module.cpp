@@ -160,7 +160,7 @@ class Tower {
 
   // users: int64 [B, 5] rows (k address, v address, head_user address, history n, count).
   void score(uintptr_t ids, int64_t n_ids, py::tuple tables, py::array_t<int64_t> users,
-             const std::string& kv_dtype, uintptr_t out, int threads) {
+             const std::string& kv_dtype, uintptr_t out, int threads, int tile) {
     srp4ctr::Request r;
     if (tables.size() != 5) throw std::invalid_argument("tables: (z0, q0, hz0, rows, dtype)");
     r.z0 = reinterpret_cast<const void*>(tables[0].cast<uintptr_t>());
@@ -172,6 +172,8 @@ class Tower {
     r.ids = reinterpret_cast<const int64_t*>(ids);
     r.out = reinterpret_cast<float*>(out);
     r.threads = std::max(1, threads);
+    if (tile < 1 || tile > 1024) throw std::invalid_argument("tile must be in [1, 1024]");
+    r.tile = tile;
     if (users.ndim() != 2 || users.shape(1) != 5)
       throw std::invalid_argument("users: expected an int64 array [B, 5]");
     auto u = users.unchecked<2>();
@@ -253,7 +255,8 @@ PYBIND11_MODULE(_C, mod) {
            py::arg("rest"), py::arg("h1"), py::arg("precision") = "fp32",
            py::arg("isa") = "auto")
       .def("score", &Tower::score, py::arg("ids"), py::arg("n_ids"), py::arg("tables"),
-           py::arg("users"), py::arg("kv_dtype"), py::arg("out"), py::arg("threads"))
+           py::arg("users"), py::arg("kv_dtype"), py::arg("out"), py::arg("threads"),
+           py::arg("tile") = 48)
       .def_property_readonly("isa", &Tower::isa)
       .def_property_readonly("precision", &Tower::precision);
   mod.def("cpu_features", [] {

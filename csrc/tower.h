@@ -69,6 +69,7 @@ struct Request {
   std::vector<UserRef> users;
   float* out = nullptr;  // [sum(count)] logits
   int threads = 1;
+  int tile = 48;  // candidate rows per tile (a multiple of 48 avoids partial register blocks)
 };
 
 // Implementations (one translation unit per instruction set).

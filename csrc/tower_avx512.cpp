@@ -52,9 +52,11 @@ inline __m512 exp_ps(__m512 x) {
 // erf(x): Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), odd extension.
 inline __m512 erf_ps(__m512 x) {
   const __m512 ax = _mm512_abs_ps(x);
-  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f),
-                                 _mm512_fmadd_ps(ax, _mm512_set1_ps(0.3275911f),
-                                                 _mm512_set1_ps(1.0f)));
+  // t = 1 / (1 + p|x|): 14-bit reciprocal estimate and one Newton step (~1e-8 relative),
+  // instead of a division
+  const __m512 den = _mm512_fmadd_ps(ax, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f));
+  __m512 t = _mm512_rcp14_ps(den);
+  t = _mm512_mul_ps(t, _mm512_fnmadd_ps(den, t, _mm512_set1_ps(2.0f)));
   __m512 p = _mm512_set1_ps(1.061405429f);
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
@@ -281,9 +283,9 @@ struct Avx512Bf16 {
 
 void score_avx512(const Model& m, const Request& r) {
   if (m.precision == Precision::kBF16)
-    score_request<Avx512Bf16>(m, r, 32);
+    score_request<Avx512Bf16>(m, r, r.tile);
   else
-    score_request<Avx512F32>(m, r, 32);
+    score_request<Avx512F32>(m, r, r.tile);
 }
 
 }  // namespace srp4ctr

@@ -57,9 +57,9 @@ struct GenericOps {
 
 void score_generic(const Model& m, const Request& r) {
   if (m.precision == Precision::kBF16)
-    score_request<GenericOps<true>>(m, r, 32);
+    score_request<GenericOps<true>>(m, r, r.tile);
   else
-    score_request<GenericOps<false>>(m, r, 32);
+    score_request<GenericOps<false>>(m, r, r.tile);
 }
 
 }  // namespace srp4ctr

@@ -173,7 +173,8 @@ class CppBackend(ScoringBackend):
     products with AVX512-BF16 dot products (bf16 weights, K/V and activations, fp32 sums;
     softmax, LayerNorm, GELU and residuals in fp32). Threads: ``threads`` if set, else
     ``SRP4CTR_CPP_THREADS``, else ``torch.get_num_threads()`` at call time. ``SRP4CTR_CPP_ISA``
-    (``auto``, ``avx512``, ``generic``) forces the instruction set.
+    (``auto``, ``avx512``, ``generic``) forces the instruction set; ``SRP4CTR_CPP_TILE`` (default
+    48) sets the candidates per work item.
     """
 
     name = "cpp"
@@ -202,6 +203,7 @@ class CppBackend(ScoringBackend):
                                 None if fm.head_zn is None else f32(fm.head_zn), rest, fm.h1,
                                 precision, isa)
         self.threads: int | None = None
+        self.tile = int(os.environ.get("SRP4CTR_CPP_TILE", "48"))  # candidates per work item
         self._dtype_name = str(fm.dtype).replace("torch.", "")
         self._dummy = torch.zeros(1, dtype=fm.dtype)  # a valid address for absent tables
 
@@ -243,7 +245,7 @@ class CppBackend(ScoringBackend):
             table[b] = (k.data_ptr(), v.data_ptr(), hu.data_ptr(), c.length, count)
         self._tower.score(ids.data_ptr(), N, (z0.data_ptr(), q0.data_ptr(), hz0.data_ptr(), rows,
                                               str(z0.dtype).replace("torch.", "")),
-                          table, self._dtype_name, out.data_ptr(), self._threads())
+                          table, self._dtype_name, out.data_ptr(), self._threads(), self.tile)
         del keep
         return out if fm.dtype == torch.float32 else out.to(fm.dtype)
 
