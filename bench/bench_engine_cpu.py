@@ -35,8 +35,9 @@ Table "candidate side" (the user state already computed, a cache hit; baseline
 ``test_request_latency`` times each provider on its own (pytest-benchmark rows);
 ``test_interleaved_ratios`` times all available ones round-robin (rotating the order each round)
 and stores the medians and ratios in ``extra_info`` — the figures to quote on a shared machine.
-Every case records shapes, analytic FLOPs (:func:`srp4ctr.models.flops_per_request`; model FLOPs,
-before the engine's folding), the provider, threads and machine (``benchlib.record``).
+Every case records shapes, the analytic FLOPs the provider executes (:func:`_flops`: model FLOPs for
+eager torch, folded ones for the engine and ONNX), the provider, threads and machine
+(``benchlib.record``).
 """
 
 from __future__ import annotations
@@ -126,12 +127,17 @@ def _reference(served, C: int) -> np.ndarray:
 
 
 def _flops(served, provider: str, C: int) -> int:
-    """Model FLOPs of one call (analytic, before folding): the naive way runs the user side per
-    candidate, the cached providers only the candidate side."""
+    """FLOPs one call executes (analytic): the naive way runs the user side per candidate; eager
+    torch the model's candidate side; the engine's backends and the ONNX scorer the candidate side
+    with the item-only terms folded into tables (:func:`served_flops_per_candidate`)."""
+    from srp4ctr.models import served_flops_per_candidate
+
     f = served.flops(C)
     if provider == "naive":
         return C * (f.user + f.per_candidate)
-    return C * f.per_candidate if TABLES[provider] == CACHED else f.total
+    per = (served_flops_per_candidate(served.cfg, HIST)
+           if provider.startswith(("engine", "ort")) else f.per_candidate)
+    return C * per if TABLES[provider] == CACHED else f.user + C * per
 
 
 def _shapes(served, C: int) -> dict:

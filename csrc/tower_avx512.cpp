@@ -71,6 +71,24 @@ inline __m512 erf_ps(__m512 x) {
 }
 
 // ---------------------------------------------------------------------------- fp32 GEMM
+// C block (+)= the accumulators + bias; the last vector column masked to the block's width.
+template <int MR, int NV>
+inline void store_block(const __m512 (&c)[MR][NV], float* C, int ldc, const float* bias, bool acc,
+                        __mmask16 last) {
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; ++j) {
+    const __mmask16 mk = j == NV - 1 ? last : static_cast<__mmask16>(0xffff);
+    const __m512 bj = bias ? _mm512_maskz_loadu_ps(mk, bias + 16 * j) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      float* cp = C + static_cast<size_t>(i) * ldc + 16 * j;
+      __m512 v = _mm512_add_ps(c[i][j], bj);
+      if (acc) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, cp));
+      _mm512_mask_storeu_ps(cp, mk, v);
+    }
+  }
+}
+
 template <int MR, int NV>
 inline void ukernel_f32(int K, const float* A, int lda, const float* B, int ldb, float* C,
                         int ldc, const float* bias, bool acc, __mmask16 last) {
@@ -90,18 +108,7 @@ inline void ukernel_f32(int K, const float* A, int lda, const float* B, int ldb,
       for (int j = 0; j < NV; ++j) c[i][j] = _mm512_fmadd_ps(a, b[j], c[i][j]);
     }
   }
-#pragma GCC unroll 4
-  for (int j = 0; j < NV; ++j) {
-    const __mmask16 mk = j == NV - 1 ? last : static_cast<__mmask16>(0xffff);
-    const __m512 bj = bias ? _mm512_maskz_loadu_ps(mk, bias + 16 * j) : _mm512_setzero_ps();
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) {
-      float* cp = C + static_cast<size_t>(i) * ldc + 16 * j;
-      __m512 v = _mm512_add_ps(c[i][j], bj);
-      if (acc) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, cp));
-      _mm512_mask_storeu_ps(cp, mk, v);
-    }
-  }
+  store_block<MR, NV>(c, C, ldc, bias, acc, last);
 }
 
 // ---------------------------------------------------------------------------- bf16 GEMM
@@ -128,18 +135,7 @@ inline void ukernel_bf16(int K2, const uint16_t* A, int lda, const uint16_t* B, 
       for (int j = 0; j < NV; ++j) c[i][j] = _mm512_dpbf16_ps(c[i][j], a, b[j]);
     }
   }
-#pragma GCC unroll 4
-  for (int j = 0; j < NV; ++j) {
-    const __mmask16 mk = j == NV - 1 ? last : static_cast<__mmask16>(0xffff);
-    const __m512 bj = bias ? _mm512_maskz_loadu_ps(mk, bias + 16 * j) : _mm512_setzero_ps();
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) {
-      float* cp = C + static_cast<size_t>(i) * ldc + 16 * j;
-      __m512 v = _mm512_add_ps(c[i][j], bj);
-      if (acc) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, cp));
-      _mm512_mask_storeu_ps(cp, mk, v);
-    }
-  }
+  store_block<MR, NV>(c, C, ldc, bias, acc, last);
 }
 
 // Rows of a block: full MR kernels, then one smaller kernel for the remainder.
@@ -235,6 +231,74 @@ inline void gelu_avx512(float* x, int64_t count) {
   }
 }
 
+inline __m512 load16(const float* p, int left) {
+  return left >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(tail_mask(left), p);
+}
+
+// LayerNorm over rows of width d (any d): two passes over the row in registers' worth of 16.
+inline void layer_norm_avx512(int M, int d, const float* X, int ldx, const float* w,
+                              const float* b, float* Y, int ldy) {
+  const float inv_d = 1.0f / static_cast<float>(d);
+  for (int i = 0; i < M; ++i) {
+    const float* x = X + static_cast<size_t>(i) * ldx;
+    float* y = Y + static_cast<size_t>(i) * ldy;
+    __m512 acc = _mm512_setzero_ps();
+    for (int j = 0; j < d; j += 16) acc = _mm512_add_ps(acc, load16(x + j, d - j));
+    const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(acc) * inv_d);
+    __m512 var = _mm512_setzero_ps();
+    for (int j = 0; j < d; j += 16) {
+      const __mmask16 mk = tail_mask(std::min(16, d - j));
+      const __m512 t = _mm512_maskz_sub_ps(mk, load16(x + j, d - j), mean);
+      var = _mm512_fmadd_ps(t, t, var);
+    }
+    const __m512 rstd =
+        _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(var) * inv_d + 1e-5f));
+    for (int j = 0; j < d; j += 16) {
+      const int left = d - j;
+      const __m512 t = _mm512_mul_ps(_mm512_sub_ps(load16(x + j, left), mean), rstd);
+      const __m512 v = _mm512_fmadd_ps(t, load16(w + j, left), load16(b + j, left));
+      _mm512_mask_storeu_ps(y + j, tail_mask(std::min(16, left)), v);
+    }
+  }
+}
+
+// Table rows are random accesses into tables that may live in L3 (or DRAM): ask for them early.
+inline void prefetch_row(const void* table, DType dt, int64_t row, int width) {
+  const int elt = dt == DType::kF32 ? 4 : 2;
+  const char* p = static_cast<const char*>(table) + row * width * elt;
+  for (int off = 0; off < width * elt; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+}
+
+inline void prefetch_rows_avx512(const void* table, DType dt, const int64_t* ids, int M,
+                                 int width) {
+  for (int i = 0; i < M; ++i) prefetch_row(table, dt, ids[i], width);
+}
+
+// Y[i] = table[ids[i]] (+ add): fp32 rows copied with vector loads, bf16 rows widened.
+inline void gather_avx512(const void* table, DType dt, const int64_t* ids, int M, int width,
+                          float* Y, int ldy, const float* add) {
+  constexpr int kAhead = 4;
+  for (int i = 0; i < std::min(M, kAhead); ++i) prefetch_row(table, dt, ids[i], width);
+  for (int i = 0; i < M; ++i) {
+    float* y = Y + static_cast<size_t>(i) * ldy;
+    if (i + kAhead < M) prefetch_row(table, dt, ids[i + kAhead], width);
+    for (int j = 0; j < width; j += 16) {
+      const int left = width - j;
+      const __mmask16 mk = tail_mask(std::min(16, left));
+      __m512 v;
+      if (dt == DType::kF32) {
+        v = _mm512_maskz_loadu_ps(mk, static_cast<const float*>(table) + ids[i] * width + j);
+      } else {
+        const __m256i h = _mm256_maskz_loadu_epi16(
+            mk, static_cast<const uint16_t*>(table) + ids[i] * width + j);
+        v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      }
+      if (add) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, add + j));
+      _mm512_mask_storeu_ps(y + j, mk, v);
+    }
+  }
+}
+
 struct Avx512F32 {
   static constexpr bool kPairs = false;
   static void gemm(int M, const float* A, int lda, const BView& B, float* C, int ldc,
@@ -245,6 +309,17 @@ struct Avx512F32 {
     softmax_rows_avx512(M, n, S, lds, scale, rinv);
   }
   static void gelu(float* x, int64_t count) { gelu_avx512(x, count); }
+  static void layer_norm(int M, int d, const float* X, int ldx, const float* w, const float* b,
+                         float* Y, int ldy) {
+    layer_norm_avx512(M, d, X, ldx, w, b, Y, ldy);
+  }
+  static void gather(const void* table, DType dt, const int64_t* ids, int M, int width, float* Y,
+                     int ldy, const float* add) {
+    gather_avx512(table, dt, ids, M, width, Y, ldy, add);
+  }
+  static void prefetch(const void* table, DType dt, const int64_t* ids, int M, int width) {
+    prefetch_rows_avx512(table, dt, ids, M, width);
+  }
 };
 
 struct Avx512Bf16 {
@@ -277,6 +352,17 @@ struct Avx512Bf16 {
     softmax_rows_avx512(M, n, S, lds, scale, rinv);
   }
   static void gelu(float* x, int64_t count) { gelu_avx512(x, count); }
+  static void layer_norm(int M, int d, const float* X, int ldx, const float* w, const float* b,
+                         float* Y, int ldy) {
+    layer_norm_avx512(M, d, X, ldx, w, b, Y, ldy);
+  }
+  static void gather(const void* table, DType dt, const int64_t* ids, int M, int width, float* Y,
+                     int ldy, const float* add) {
+    gather_avx512(table, dt, ids, M, width, Y, ldy, add);
+  }
+  static void prefetch(const void* table, DType dt, const int64_t* ids, int M, int width) {
+    prefetch_rows_avx512(table, dt, ids, M, width);
+  }
 };
 
 }  // namespace

@@ -47,6 +47,18 @@ struct GenericOps {
     }
   }
 
+  static void layer_norm(int M, int d, const float* X, int ldx, const float* w, const float* b,
+                         float* Y, int ldy) {
+    layer_norm_scalar(M, d, X, ldx, w, b, Y, ldy);
+  }
+
+  static void gather(const void* table, DType dt, const int64_t* ids, int M, int width, float* Y,
+                     int ldy, const float* add) {
+    gather_scalar(table, dt, ids, M, width, Y, ldy, add);
+  }
+
+  static void prefetch(const void*, DType, const int64_t*, int, int) {}
+
   static void gelu(float* x, int64_t count) {
     for (int64_t i = 0; i < count; ++i)
       x[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * 0.70710678118654752f));

@@ -18,7 +18,7 @@ from srp4ctr.errors import InputError
 from srp4ctr.models.baselines import BST, DIN, UserVectorCTR
 from srp4ctr.models.ctr import SRP4CTR, CandidateLayer, CTRHead, QFormer, UserState
 from srp4ctr.models.fgbert import FGBERT
-from srp4ctr.models.flops import FlopCount, flops_per_request
+from srp4ctr.models.flops import FlopCount, flops_per_request, served_flops_per_candidate
 from srp4ctr.models.layers import FieldEmbedding, UserFeatureEmbedding
 from srp4ctr.models.spec import ModelConfig, ModelSpec, check_batch
 
@@ -41,6 +41,7 @@ __all__ = [
     "build_model",
     "check_batch",
     "flops_per_request",
+    "served_flops_per_candidate",
 ]
 
 MODEL_KINDS = ("srp4ctr", "din", "bst", "user_vector", "fgbert")

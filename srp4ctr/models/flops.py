@@ -42,6 +42,11 @@ User vector as a feature::
     user = n·layer(L);  candidate = mlp(2d + u·d)
 
 Total = 2·(user + N·candidate) FLOPs.
+
+What the serving engine executes per SRP4CTR candidate is less: it folds the item-only terms into
+per-item tables (the first layer's ``LN(z⁰)·Wq`` and the head's block on z⁰), so
+:func:`served_flops_per_candidate` = ``per_candidate − 2·(d² + d·h_1)`` (with the tower; the
+z⁰ block only without it). Achieved FLOP rates of the engine's backends divide these.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from dataclasses import dataclass
 from srp4ctr.errors import InputError
 from srp4ctr.models.spec import ModelConfig
 
-__all__ = ["FlopCount", "flops_per_request"]
+__all__ = ["FlopCount", "flops_per_request", "served_flops_per_candidate"]
 
 
 @dataclass(frozen=True)
@@ -129,3 +134,12 @@ def flops_per_request(kind: str, config: ModelConfig, L: int, n_candidates: int,
     else:
         raise InputError(f"unknown model kind {kind!r}; expected srp4ctr, din, bst, user_vector")
     return FlopCount(user=2 * user, per_candidate=2 * cand, n_candidates=n_candidates)
+
+
+def served_flops_per_candidate(config: ModelConfig, L: int) -> int:
+    """FLOPs per candidate that the engine executes for an SRP4CTR model (item-only terms folded
+    into tables: the first tower layer's query projection and the head's z⁰ block)."""
+    f = flops_per_request("srp4ctr", config, L, 1)
+    d, h1 = config.d_model, config.head_hidden[0]
+    folded = d * h1 + (d * d if config.use_xattn and config.n_layers else 0)
+    return f.per_candidate - 2 * folded
