@@ -441,9 +441,11 @@ def _params(nodeid: str) -> set[str]:
 class Context:
     """What goal evaluation reads: the suites, the GPU result, and lookups over them."""
 
-    def __init__(self, suites: dict[str, SuiteResult], gpu: dict | None = None):
+    def __init__(self, suites: dict[str, SuiteResult], gpu: dict | None = None,
+                 experiment: tuple[Path, dict] | None = None):
         self.suites = suites
         self.gpu = gpu
+        self.experiment = experiment  # (path, results.json of `srp4ctr experiment`) if found
 
     def measure(self, suite: str, provider: str, case: str,
                 table: str | None = None) -> Measure | None:
@@ -691,7 +693,43 @@ def _request_gpu_goal(slow: str, need: float):
     return evaluate
 
 
+EXPERIMENT_JSON = Path("docs") / "results" / "ml-100k" / "results.json"
+
+
+def find_experiment(results: Path) -> tuple[Path, dict] | None:
+    """The committed MovieLens-100k experiment (``docs/results/ml-100k/results.json`` of the
+    clone the results folder lives in, or of the working directory), if there is one."""
+    for root in (Path(results).resolve().parent.parent, Path.cwd()):
+        path = root / EXPERIMENT_JSON
+        if path.is_file():
+            try:
+                return path, json.loads(path.read_text())
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def goal_experiment_time(ctx: Context) -> Verdict:
+    if ctx.experiment is None:
+        return Verdict("—", f"not measured: no {EXPERIMENT_JSON} (run `srp4ctr experiment`)")
+    path, r = ctx.experiment
+    wall = r.get("wall_seconds_this_call")
+    seeds = r.get("seeds", [])
+    par = r.get("parallel", {})
+    if wall is None:
+        return Verdict("—", "not measured: the results file has no wall time")
+    mi = r.get("machine", {})
+    fig = (f"{wall / 60:.1f} min for {len(seeds)} seeds × {len(r.get('runs', {}))} models "
+           f"(`{EXPERIMENT_JSON}`; {mi.get('cpu_count', '?')} CPUs, --jobs "
+           f"{par.get('jobs', 1)}); one call — an interrupted, resumed run would show only its "
+           "last part")
+    ok = wall <= 3600 and len(seeds) >= 5
+    return Verdict(fig, "met" if ok else "not met")
+
+
 GOALS: list[Goal] = [
+    Goal(3, "`srp4ctr experiment --dataset ml-100k --seeds 5` completes within 60 minutes on 2 "
+            "CPU cores", goal_experiment_time),
     Goal(4, "Candidate attention ≥ 1.5× faster than SDPA at C=4096, L=1024, d=128, H=4, bf16 "
             "(H200)", goal_attention_vs_sdpa),
     Goal(4, "Candidate attention ≥ 60% of the measured bf16 GEMM rate at 16 users × 4096 "
@@ -939,7 +977,7 @@ def build_report(results: Path, out: Path, *, command: str | None = None,
     results, out = Path(results), Path(out)
     suites, ignored = load_results(results)
     gpu = newest_gpu_result(results)
-    ctx = Context(suites, gpu[1] if gpu else None)
+    ctx = Context(suites, gpu[1] if gpu else None, find_experiment(results))
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     commands = _ordered((s.meta.get("command") for s in suites.values() if s.meta.get("command")),
                         lambda c: c)

@@ -318,3 +318,25 @@ def test_every_suite_file_exists():
     bench_dir = br.find_bench_dir(str(Path(__file__).resolve().parents[1] / "bench"))
     for suite in br.RUNNABLE:
         assert (bench_dir / f"bench_{suite}.py").is_file()
+
+
+def test_experiment_time_goal(tmp_path):
+    """The experiment's wall time comes from the committed results.json of the clone."""
+    assert br.goal_experiment_time(br.Context({})).status.startswith("not measured")
+    base = {"seeds": [0, 1, 2, 3, 4], "runs": {"din": {}, "bst": {}},
+            "machine": {"cpu_count": 2}, "parallel": {"jobs": 2}}
+    ok = br.goal_experiment_time(br.Context({}, None, (tmp_path, {**base,
+                                                                    "wall_seconds_this_call": 3156})))
+    assert ok.status == "met" and "52.6 min" in ok.figure
+    slow = br.goal_experiment_time(br.Context({}, None, (tmp_path, {**base,
+                                                                      "wall_seconds_this_call": 3700})))
+    assert slow.status == "not met"
+    few = br.goal_experiment_time(br.Context({}, None, (tmp_path, {**base, "seeds": [0],
+                                                                     "wall_seconds_this_call": 60})))
+    assert few.status == "not met"
+    # found from the results folder's clone
+    exp = tmp_path / "clone" / br.EXPERIMENT_JSON
+    exp.parent.mkdir(parents=True)
+    exp.write_text(json.dumps({**base, "wall_seconds_this_call": 100}))
+    found = br.find_experiment(tmp_path / "clone" / "bench" / "results")
+    assert found is not None and found[1]["wall_seconds_this_call"] == 100
