@@ -299,12 +299,8 @@ inline void gather_avx512(const void* table, DType dt, const int64_t* ids, int M
   }
 }
 
-struct Avx512F32 {
-  static constexpr bool kPairs = false;
-  static void gemm(int M, const float* A, int lda, const BView& B, float* C, int ldc,
-                   const float* bias, bool acc, Scratch& /*s*/) {
-    gemm_blocks<false>(M, B.N, B.K, A, lda, B.f32, B.ldb, C, ldc, bias, acc);
-  }
+// The element-wise ops both precisions share (all in fp32).
+struct Avx512Common {
   static void softmax_rows(int M, int n, float* S, int lds, float scale, float* rinv) {
     softmax_rows_avx512(M, n, S, lds, scale, rinv);
   }
@@ -322,7 +318,15 @@ struct Avx512F32 {
   }
 };
 
-struct Avx512Bf16 {
+struct Avx512F32 : Avx512Common {
+  static constexpr bool kPairs = false;
+  static void gemm(int M, const float* A, int lda, const BView& B, float* C, int ldc,
+                   const float* bias, bool acc, Scratch& /*s*/) {
+    gemm_blocks<false>(M, B.N, B.K, A, lda, B.f32, B.ldb, C, ldc, bias, acc);
+  }
+};
+
+struct Avx512Bf16 : Avx512Common {
   static constexpr bool kPairs = true;
   // A (fp32) is rounded to bf16 once per product into the scratch, K padded to even with zeros.
   static void gemm(int M, const float* A, int lda, const BView& B, float* C, int ldc,
@@ -347,21 +351,6 @@ struct Avx512Bf16 {
       }
     }
     gemm_blocks<true>(M, B.N, K2, a16, lda2, B.bf16, B.ldb, C, ldc, bias, acc);
-  }
-  static void softmax_rows(int M, int n, float* S, int lds, float scale, float* rinv) {
-    softmax_rows_avx512(M, n, S, lds, scale, rinv);
-  }
-  static void gelu(float* x, int64_t count) { gelu_avx512(x, count); }
-  static void layer_norm(int M, int d, const float* X, int ldx, const float* w, const float* b,
-                         float* Y, int ldy) {
-    layer_norm_avx512(M, d, X, ldx, w, b, Y, ldy);
-  }
-  static void gather(const void* table, DType dt, const int64_t* ids, int M, int width, float* Y,
-                     int ldy, const float* add) {
-    gather_avx512(table, dt, ids, M, width, Y, ldy, add);
-  }
-  static void prefetch(const void* table, DType dt, const int64_t* ids, int M, int width) {
-    prefetch_rows_avx512(table, dt, ids, M, width);
   }
 };
 
