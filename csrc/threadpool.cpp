@@ -1,12 +1,19 @@
 // A small persistent thread pool: workers sleep on a condition variable between requests (no
 // spinning, so a shared machine's other work is not starved), tasks are claimed with an atomic
 // counter, and the calling thread works too. One parallel_for at a time (a mutex); requests
-// from several Python threads queue here rather than oversubscribing the cores.
+// from several Python threads queue here rather than oversubscribing the cores. Safe across
+// fork(): a child process starts with a new, empty pool.
 #include <atomic>
 #include <condition_variable>
+#include <cstdint>
 #include <mutex>
 #include <thread>
 #include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define SRP4CTR_HAVE_ATFORK 1
+#endif
 
 #include "tower.h"
 
@@ -99,9 +106,25 @@ class Pool {
   bool stop_ = false;
 };
 
+// Never destroyed: workers may outlive static destruction order.
+Pool* g_pool = nullptr;
+std::once_flag g_pool_once;
+
+#ifdef SRP4CTR_HAVE_ATFORK
+// A forked child inherits the pool's bookkeeping (workers, perhaps a locked mutex) but none of
+// its threads: it gets a fresh pool, and the inherited one is abandoned (its std::thread objects
+// name threads of the parent and must not be joined or destroyed here).
+void fresh_pool_in_child() { g_pool = new Pool(); }
+#endif
+
 Pool& pool() {
-  static Pool* p = new Pool();  // never destroyed: workers may outlive static destruction order
-  return *p;
+  std::call_once(g_pool_once, [] {
+    g_pool = new Pool();
+#ifdef SRP4CTR_HAVE_ATFORK
+    pthread_atfork(nullptr, nullptr, fresh_pool_in_child);
+#endif
+  });
+  return *g_pool;
 }
 
 }  // namespace

@@ -227,3 +227,48 @@ def test_extension_checks_its_inputs():
 
     with pytest.raises(BackendUnavailableError, match="float16"):
         CppBackend(f16)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_scoring_works_in_a_forked_child():
+    # A pre-forking server loads (and warms) the engine once, then forks workers: the child
+    # inherits the pool's state but none of its threads, and must still score, multi-threaded.
+    m = make_model(32, 2, 2, (24, 8), n_items=200)
+    fm = FoldedModel(m, torch.float32, torch.device("cpu"))
+    b = backend(fm, ISAS[-1], threads=2)
+    cache = make_cache(fm, 40, seed=3)
+    ids = torch.arange(200)
+    want = b.score_one(cache, ids)  # the parent's pool now has a worker thread
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: score, send the bytes, leave without running pytest's teardown
+        code = 1
+        try:
+            got = b.score_one(cache, ids).numpy().tobytes()
+            os.write(write, got)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    deadline = 30.0
+    import select
+    import time
+
+    chunks, start = [], time.monotonic()
+    while True:
+        left = deadline - (time.monotonic() - start)
+        ready, _, _ = select.select([read], [], [], max(left, 0))
+        if not ready:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail(f"the forked child did not finish scoring within {deadline:.0f} s")
+        chunk = os.read(read, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(read)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    got = np.frombuffer(b"".join(chunks), dtype=np.float32)
+    assert np.array_equal(got, want.numpy())
+    assert torch.equal(b.score_one(cache, ids), want)  # and the parent's pool still works
