@@ -15,10 +15,12 @@ costs only the candidate tower and the head, with one-sided work folded away (se
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,14 +35,45 @@ from .cache import UserCache
 from .folded import DEFAULT_MAX_TABLE_BYTES, FoldedModel
 from .inputs import as_history_dict, as_raw_ids
 
-__all__ = ["DEFAULT_MAX_CHUNK_BYTES", "Engine"]
+__all__ = ["DEFAULT_MAX_CHUNK_BYTES", "SINGLE_THREAD_USER_TOKENS", "Engine"]
 
 #: working memory of one scoring chunk, per device type. On CPU a small budget keeps a chunk's
 #: scores and FFN activations in the caches: ≈ 800 candidates at history 200, d = 64, measured
 #: 1.2-1.5x faster than one 4096-candidate pass with 1 or 2 threads (400-2000 are all close);
 #: on a GPU larger chunks keep the launches few.
 DEFAULT_MAX_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 512 << 20}
+#: on CPU, a user-side batch of at most this many history positions (one user at max_len ≤ 256)
+#: runs its torch ops on one intra-op thread (``user_threads=None``). Each of its ~40 small ops
+#: would otherwise wake the other threads: one user, history 200, d = 64, 2 threads, measured
+#: 4.8 ms with OMP_WAIT_POLICY=PASSIVE and 1.45 ms with spinning workers, 1.65 ms on one thread.
+SINGLE_THREAD_USER_TOKENS = 256
 SERVING_KIND = "srp4ctr"
+_THREADS_LOCK = threading.Lock()
+_THREADS_STATE = {"depth": 0, "saved": 0}
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int | None):
+    """Run the block with ``torch.set_num_threads(n)`` (``None``: unchanged), restoring the
+    process's count afterwards. Torch's count is process-wide: overlapping blocks from several
+    Python threads share one saved value, restored when the last of them leaves, and other
+    threads' torch work meanwhile runs with ``n`` threads too."""
+    if n is None:
+        yield
+        return
+    with _THREADS_LOCK:
+        if _THREADS_STATE["depth"] == 0:
+            _THREADS_STATE["saved"] = torch.get_num_threads()
+        _THREADS_STATE["depth"] += 1
+        if n < _THREADS_STATE["saved"]:
+            torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _THREADS_STATE["depth"] -= 1
+            if _THREADS_STATE["depth"] == 0 and torch.get_num_threads() != _THREADS_STATE["saved"]:
+                torch.set_num_threads(_THREADS_STATE["saved"])
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -169,13 +202,16 @@ class Engine:
         max_chunk_bytes, chunk_size: the memory budget for one scoring chunk (or a fixed number
             of candidates per chunk); results depend on them only through the fp32 rounding of
             matrix products of other row counts (BLAS picks kernels by size).
+        user_threads: torch intra-op threads for the user side on CPU (``None``: one thread for
+            batches of at most :data:`SINGLE_THREAD_USER_TOKENS` history positions, the
+            process's count otherwise); never more than the process's count.
     """
 
     def __init__(self, model, dataset, *, fingerprint: str, device: Any = "cpu",
                  backend: str = "auto", dtype: Any = torch.float32,
                  max_chunk_bytes: int | None = None, chunk_size: int | None = None,
                  fold_items: bool | str = "auto", max_table_bytes: int = DEFAULT_MAX_TABLE_BYTES,
-                 checkpoint: str | None = None):
+                 user_threads: int | None = None, checkpoint: str | None = None):
         from srp4ctr.models import SRP4CTR
 
         if not isinstance(model, SRP4CTR):
@@ -185,7 +221,8 @@ class Engine:
         self._backend_cls = resolve_backend(backend, self.device, self.dtype)
         if max_chunk_bytes is None:
             max_chunk_bytes = DEFAULT_MAX_CHUNK_BYTES[self.device.type]
-        for name, val in (("max_chunk_bytes", max_chunk_bytes), ("chunk_size", chunk_size)):
+        for name, val in (("max_chunk_bytes", max_chunk_bytes), ("chunk_size", chunk_size),
+                          ("user_threads", user_threads)):
             if val is None:
                 continue
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -207,6 +244,7 @@ class Engine:
         self.checkpoint = checkpoint
         self.max_chunk_bytes = max_chunk_bytes
         self.chunk_size = chunk_size
+        self.user_threads = user_threads
         with torch.no_grad():
             self.folded = FoldedModel(model, self.dtype, self.device, fold_items, max_table_bytes)
         self._backend: ScoringBackend = self._backend_cls(self.folded)
@@ -219,7 +257,8 @@ class Engine:
              data_dir: str | os.PathLike | None = None,
              max_chunk_bytes: int | None = None, chunk_size: int | None = None,
              fold_items: bool | str = "auto",
-             max_table_bytes: int = DEFAULT_MAX_TABLE_BYTES) -> Engine:
+             max_table_bytes: int = DEFAULT_MAX_TABLE_BYTES,
+             user_threads: int | None = None) -> Engine:
         """An engine for the fine-tuning checkpoint ``checkpoint_dir`` (kind ``srp4ctr``).
 
         Args:
@@ -234,6 +273,7 @@ class Engine:
                 :data:`DEFAULT_MAX_CHUNK_BYTES` of the device type), or a fixed number of
                 candidates per chunk. Results do not depend on them beyond fp32 rounding.
             fold_items: build the per-item tables (``"auto"``: when they fit ``max_table_bytes``).
+            user_threads: torch threads of the user side on CPU (see the class docstring).
 
         Raises:
             CheckpointError: not a checkpoint, truncated or altered weights, another kind than
@@ -258,7 +298,8 @@ class Engine:
         model, cfg = load_model(path, dataset_fingerprint=ds.fingerprint)
         return cls(model, ds, fingerprint=cfg["weights_sha256"], device=device, backend=backend,
                    dtype=dtype, max_chunk_bytes=max_chunk_bytes, chunk_size=chunk_size,
-                   fold_items=fold_items, max_table_bytes=max_table_bytes, checkpoint=str(path))
+                   fold_items=fold_items, max_table_bytes=max_table_bytes,
+                   user_threads=user_threads, checkpoint=str(path))
 
     @classmethod
     def from_model(cls, model, dataset, *, fingerprint: str | None = None, **kwargs) -> Engine:
@@ -299,6 +340,7 @@ class Engine:
             "max_len": self.max_len,
             "max_chunk_bytes": self.max_chunk_bytes,
             "chunk_size": self.chunk_size,
+            "user_threads": self.user_threads,
             "folded": self.folded.describe(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
@@ -366,9 +408,17 @@ class Engine:
             )
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    def _user_side_threads(self, batch: dict[str, torch.Tensor]) -> int | None:
+        """Intra-op threads for the user side of ``batch`` (None: leave torch's count)."""
+        if self.device.type != "cpu":
+            return None
+        if self.user_threads is not None:
+            return self.user_threads
+        return 1 if batch["hist_item"].numel() <= SINGLE_THREAD_USER_TOKENS else None
+
     def _caches(self, arrays, user_ids) -> list[UserCache]:
         batch = self._batch(arrays)
-        with torch.no_grad():
+        with torch.no_grad(), _intra_op_threads(self._user_side_threads(batch)):
             state = self.model.encode_users(batch)
         fm, out = self.folded, []
         for i, a in enumerate(arrays):

@@ -615,3 +615,88 @@ def test_user_kv_is_never_copied_per_candidate(engine, model, tiny, caches):
         gather = largest_allocation(
             lambda: model.score_candidates(state, ids, torch.zeros(C, dtype=torch.long)))
     assert gather >= one_kv_copy
+
+
+# ----------------------------------------------------------------------------- user-side threads
+def _spy_threads(engine) -> list[int]:
+    """Record torch's thread count each time ``engine`` runs the user side."""
+    seen: list[int] = []
+    real = engine.model.encode_users
+
+    def spy(batch):
+        seen.append(torch.get_num_threads())
+        return real(batch)
+
+    engine.model.encode_users = spy
+    return seen
+
+
+def test_user_side_thread_count_and_restore(ckpt, tiny):
+    from srp4ctr.engine.engine import SINGLE_THREAD_USER_TOKENS
+
+    auto = Engine.load(ckpt, dataset=tiny)
+    two = Engine.load(ckpt, dataset=tiny, user_threads=2)
+    assert auto.describe()["user_threads"] is None and two.describe()["user_threads"] == 2
+    seen_auto, seen_two = _spy_threads(auto), _spy_threads(two)
+    h = raw_history(tiny, 1)
+    torch.set_num_threads(3)
+    try:
+        a = auto.encode_user(h)  # one user: a few positions -> one thread
+        assert seen_auto[-1] == 1 and torch.get_num_threads() == 3
+        b = two.encode_user(h)
+        assert seen_two[-1] == 2 and torch.get_num_threads() == 3
+        assert close(a.k, b.k, ROUNDING) and close(a.head_user, b.head_user, ROUNDING)
+        width = a.length  # positions of this user after the cut to max_len
+        many = auto.encode_users([h] * (SINGLE_THREAD_USER_TOKENS // width + 1))
+        assert seen_auto[-1] == 3  # above the threshold: the process's count
+        assert close(many[0].k, a.k, ROUNDING)
+        torch.set_num_threads(1)
+        two.encode_user(h)
+        assert seen_two[-1] == 1  # never more than the process's count
+        torch.set_num_threads(3)
+
+        def boom(batch):
+            seen_auto.append(torch.get_num_threads())
+            raise RuntimeError("boom")
+
+        auto.model.encode_users = boom
+        with pytest.raises(RuntimeError, match="boom"):
+            auto.encode_user(h)
+        assert seen_auto[-1] == 1 and torch.get_num_threads() == 3  # restored after an error
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_concurrent_encoding_restores_the_thread_count(ckpt, tiny):
+    eng = Engine.load(ckpt, dataset=tiny)
+    hs = [raw_history(tiny, u) for u in range(1, 9)]
+    serial = [eng.encode_user(h) for h in hs]
+    torch.set_num_threads(3)
+    errors: list = []
+    results: list = [None] * (4 * len(hs))
+
+    def work(t: int) -> None:
+        try:
+            for j in range(t, len(results), 6):
+                results[j] = eng.encode_user(hs[j % len(hs)])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    try:
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert not errors and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(1)
+    for j, c in enumerate(results):
+        want = serial[j % len(hs)]
+        assert close(c.k, want.k, ROUNDING) and close(c.head_user, want.head_user, ROUNDING)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_bad_user_threads(ckpt, tiny, bad):
+    with pytest.raises(InputError, match="user_threads"):
+        Engine.load(ckpt, dataset=tiny, user_threads=bad)
