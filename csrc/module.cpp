@@ -17,6 +17,11 @@
 #include <stdexcept>
 #include <string>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "tower.h"
 
 namespace py = pybind11;
@@ -66,7 +71,7 @@ Packed pack(const F32Array& w, py::ssize_t n_out, py::ssize_t k_in, bool pairs, 
   p.pairs = pairs;
   const float* W = w.data();
   if (pairs) {
-    const int K2 = (p.K + 1) / 2;
+    const int K2 = round_up(p.K, srp4ctr::kPairKPad) / 2;
     p.bf16.assign(static_cast<size_t>(K2) * p.ldb * 2, 0);
     for (int n = 0; n < p.N; ++n)
       for (int k = 0; k < p.K; ++k)
@@ -93,9 +98,20 @@ Isa pick_isa(const std::string& isa, Precision prec) {
       throw std::runtime_error("isa='avx512' with bf16 needs AVX512-BF16, which this CPU lacks");
     return Isa::kAvx512;
   }
-  if (isa != "auto") throw std::invalid_argument("isa must be 'auto', 'avx512' or 'generic'");
+  if (isa == "amx") {
+    if (prec != Precision::kBF16)
+      throw std::invalid_argument("isa='amx' computes in bf16; fp32 runs on 'avx512'");
+    if (!srp4ctr::cpu_has_amx_bf16())
+      throw std::runtime_error("isa='amx': this CPU (or its OS) offers no AMX-BF16");
+    return Isa::kAmx;
+  }
+  if (isa != "auto")
+    throw std::invalid_argument("isa must be 'auto', 'amx', 'avx512' or 'generic'");
   if (!avx512) return Isa::kGeneric;
-  if (prec == Precision::kBF16 && !bf16) return Isa::kGeneric;
+  if (prec == Precision::kBF16) {
+    if (srp4ctr::cpu_has_amx_bf16()) return Isa::kAmx;
+    if (!bf16) return Isa::kGeneric;
+  }
   return Isa::kAvx512;
 }
 
@@ -114,7 +130,7 @@ class Tower {
     m_.h1 = h1;
     m_.precision = precision == "bf16" ? Precision::kBF16 : Precision::kF32;
     m_.isa = pick_isa(isa, m_.precision);
-    const bool pairs = m_.isa == Isa::kAvx512 && m_.precision == Precision::kBF16;
+    const bool pairs = m_.isa != Isa::kGeneric && m_.precision == Precision::kBF16;
     const bool round = m_.precision == Precision::kBF16;
     const int d = d_model;
     for (auto item : layers) {
@@ -199,13 +215,17 @@ class Tower {
         throw std::out_of_range("item row " + std::to_string(r.ids[i]) + " outside the tables");
     if (n_ids == 0) return;
     py::gil_scoped_release nogil;
-    if (m_.isa == Isa::kAvx512)
+    if (m_.isa == Isa::kAmx)
+      srp4ctr::score_amx(m_, r);
+    else if (m_.isa == Isa::kAvx512)
       srp4ctr::score_avx512(m_, r);
     else
       srp4ctr::score_generic(m_, r);
   }
 
-  std::string isa() const { return m_.isa == Isa::kAvx512 ? "avx512" : "generic"; }
+  std::string isa() const {
+    return m_.isa == Isa::kAmx ? "amx" : m_.isa == Isa::kAvx512 ? "avx512" : "generic";
+  }
   std::string precision() const { return m_.precision == Precision::kBF16 ? "bf16" : "fp32"; }
 
  private:
@@ -244,6 +264,23 @@ bool cpu_has_avx512_bf16() {
 #endif
 }
 
+bool cpu_has_amx_bf16() {
+#if defined(__linux__) && defined(__x86_64__)
+  static const bool ok = [] {
+    if (!amx_compiled() || !cpu_has_avx512_bf16()) return false;
+    unsigned a = 7, b = 0, c = 0, d = 0;  // CPUID leaf 7 sub-leaf 0: EDX 22 AMX-BF16, 24 AMX-TILE
+    __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
+    if (!((d >> 22) & 1u) || !((d >> 24) & 1u)) return false;
+    // Linux hands out the 8 KiB tile state only on request (once per process; inherited by fork)
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
 }  // namespace srp4ctr
 
 PYBIND11_MODULE(_C, mod) {
@@ -263,6 +300,7 @@ PYBIND11_MODULE(_C, mod) {
     py::dict d;
     d["avx512"] = srp4ctr::cpu_has_avx512();
     d["avx512_bf16"] = srp4ctr::cpu_has_avx512_bf16();
+    d["amx_bf16"] = srp4ctr::cpu_has_amx_bf16();
     return d;
   });
 }

@@ -23,15 +23,19 @@
 namespace srp4ctr {
 
 enum class Precision { kF32 = 0, kBF16 = 1 };
-enum class Isa { kGeneric = 0, kAvx512 = 1 };
+enum class Isa { kGeneric = 0, kAvx512 = 1, kAmx = 2 };
 enum class DType { kF32 = 0, kBF16 = 1 };
+
+// bf16 pair operands hold K rounded up to this many rows (zeros), so that AMX can read them in
+// whole tiles of 32 (16 pairs); the AVX512-BF16 kernels read only the first ceil(K/2) pairs.
+constexpr int kPairKPad = 32;
 
 // A weight matrix in GEMM operand form: B[k][n] = W[n][k] for an nn.Linear weight W [N, K].
 struct Packed {
   int K = 0, N = 0, ldb = 0;  // ldb = N rounded up to 16 (zero columns)
   bool pairs = false;         // bf16 pair layout
   std::vector<float> f32;     // [K][ldb]
-  std::vector<uint16_t> bf16; // [ceil(K/2)][ldb][2]
+  std::vector<uint16_t> bf16; // [round_up(K, kPairKPad) / 2][ldb][2]
 };
 
 struct LayerWeights {
@@ -75,9 +79,12 @@ struct Request {
 // Implementations (one translation unit per instruction set).
 void score_generic(const Model& m, const Request& r);
 void score_avx512(const Model& m, const Request& r);
+void score_amx(const Model& m, const Request& r);  // bf16 only
+bool amx_compiled();  // whether this build has the AMX kernels (the compiler knew AMX)
 
 bool cpu_has_avx512();       // avx512f + bw + vl + dq
 bool cpu_has_avx512_bf16();  // and avx512_bf16
+bool cpu_has_amx_bf16();     // and AMX-TILE + AMX-BF16, with the OS's permission to use them
 
 // Thread pool shared by every model: fn(task, worker) for task in [0, n_tasks).
 void parallel_for(int n_tasks, int threads, void (*fn)(void*, int, int), void* ctx);

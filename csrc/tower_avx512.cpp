@@ -8,10 +8,23 @@
 // The micro-kernel keeps an MR x (16 * NV) block of C in registers (MR * NV + NV + 1 <= 32 zmm),
 // streams B rows and broadcasts A elements; N is covered in blocks of 64 columns with a masked
 // store for the last vector, M in blocks of MR with smaller kernels for the remainder.
+//
+// AMX (bf16 only, where the CPU and the OS offer it): the same algorithm with every product on
+// the tile unit, tiles of 16 rows x 32 bf16 (A), 16 pairs x 16 columns (B), 16 x 16 fp32 (C).
 #if defined(__GNUC__) && !defined(__clang__)
+#if __GNUC__ >= 11
+#define SRP4CTR_AMX 1
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,amx-tile,amx-bf16")
+#else
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+#endif
 #elif defined(__clang__)
+#if __clang_major__ >= 12
+#define SRP4CTR_AMX 1
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,amx-tile,amx-bf16"))), apply_to = function)
+#else
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma"))), apply_to = function)
+#endif
 #endif
 
 #include <immintrin.h>
@@ -19,6 +32,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
 
 #include "tower.h"
 
@@ -326,35 +340,150 @@ struct Avx512F32 : Avx512Common {
   }
 };
 
+// A [M x K] fp32 -> bf16 rows of lda2 (>= K, even) elements, zeros from K to lda2.
+inline void to_bf16_rows(int M, int K, const float* A, int lda, uint16_t* dst0, int lda2) {
+  for (int i = 0; i < M; ++i) {
+    const float* src = A + static_cast<size_t>(i) * lda;
+    uint16_t* dst = dst0 + static_cast<size_t>(i) * lda2;
+    int k = 0;
+    for (; k + 32 <= K; k += 32) {
+      const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + k + 16), _mm512_loadu_ps(src + k));
+      _mm512_storeu_si512(dst + k, (__m512i)v);
+    }
+    for (; k < lda2; k += 16) {
+      const int left = K - k;
+      const __mmask16 mk = left >= 16 ? static_cast<__mmask16>(0xffff)
+                                      : (left > 0 ? tail_mask(left) : static_cast<__mmask16>(0));
+      const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, src + k));
+      const int w = std::min(16, lda2 - k);
+      _mm256_mask_storeu_epi16(dst + k, static_cast<__mmask16>(tail_mask(w)), (__m256i)v);
+    }
+  }
+}
+
 struct Avx512Bf16 : Avx512Common {
   static constexpr bool kPairs = true;
   // A (fp32) is rounded to bf16 once per product into the scratch, K padded to even with zeros.
   static void gemm(int M, const float* A, int lda, const BView& B, float* C, int ldc,
                    const float* bias, bool acc, Scratch& s) {
     const int K = B.K, K2 = (K + 1) / 2, lda2 = 2 * K2;
-    uint16_t* a16 = s.abf.data();
-    for (int i = 0; i < M; ++i) {
-      const float* src = A + static_cast<size_t>(i) * lda;
-      uint16_t* dst = a16 + static_cast<size_t>(i) * lda2;
-      int k = 0;
-      for (; k + 32 <= K; k += 32) {
-        const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + k + 16), _mm512_loadu_ps(src + k));
-        _mm512_storeu_si512(dst + k, (__m512i)v);
-      }
-      for (; k < lda2; k += 16) {
-        const int left = K - k;
-        const __mmask16 mk = left >= 16 ? static_cast<__mmask16>(0xffff)
-                                        : (left > 0 ? tail_mask(left) : static_cast<__mmask16>(0));
-        const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, src + k));
-        const int w = std::min(16, lda2 - k);
-        _mm256_mask_storeu_epi16(dst + k, static_cast<__mmask16>(tail_mask(w)), (__m256i)v);
-      }
-    }
-    gemm_blocks<true>(M, B.N, K2, a16, lda2, B.bf16, B.ldb, C, ldc, bias, acc);
+    to_bf16_rows(M, K, A, lda, s.abf.data(), lda2);
+    gemm_blocks<true>(M, B.N, K2, s.abf.data(), lda2, B.bf16, B.ldb, C, ldc, bias, acc);
   }
 };
 
+#ifdef SRP4CTR_AMX
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// C[rows x cols] (+)= T (a 16 x 16 fp32 tile as stored) + bias.
+inline void store_tile(const float* T, int rows, int cols, float* C, int ldc, const float* bias,
+                       bool acc) {
+  const __mmask16 mk = tail_mask(cols);
+  const __m512 b = bias ? _mm512_maskz_loadu_ps(mk, bias) : _mm512_setzero_ps();
+  for (int i = 0; i < rows; ++i) {
+    float* cp = C + static_cast<size_t>(i) * ldc;
+    __m512 v = _mm512_add_ps(_mm512_load_ps(T + 16 * i), b);
+    if (acc) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, cp));
+    _mm512_mask_storeu_ps(cp, mk, v);
+  }
+}
+
+struct AmxBf16 : Avx512Common {
+  static constexpr bool kPairs = true;
+  // A is rounded to bf16 into the scratch (K padded to 32 with zeros; the scratch has rows for
+  // M rounded up to 16, whose extra rows only reach C rows that are never stored). B pairs hold
+  // K rounded up to 32 (kPairKPad), so every product is whole tiles: C blocks of 32 x 32 in
+  // tmm0-3, A in tmm4-5, B in tmm6-7. The tile configuration is loaded for each product (other
+  // code on this thread, torch's oneDNN say, may use the tiles between two calls) and released
+  // after it.
+  static void gemm(int M, const float* A, int lda, const BView& B, float* C, int ldc,
+                   const float* bias, bool acc, Scratch& s) {
+    const int K = B.K, N = B.N, Kp = round_up(K, kPairKPad);
+    uint16_t* a16 = s.abf.data();
+    to_bf16_rows(M, K, A, lda, a16, Kp);
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) {
+      cfg.colsb[t] = 64;
+      cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+    const long sa = static_cast<long>(Kp) * 2, sb = static_cast<long>(B.ldb) * 4;
+    alignas(64) float out[4][256];
+    for (int m0 = 0; m0 < M; m0 += 32) {
+      const bool m2 = m0 + 16 < M;
+      const uint16_t* a0 = a16 + static_cast<size_t>(m0) * Kp;
+      const uint16_t* a1 = a0 + static_cast<size_t>(16) * Kp;
+      for (int n0 = 0; n0 < N; n0 += 32) {
+        const bool n2 = n0 + 16 < N;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int k0 = 0; k0 < Kp; k0 += 32) {
+          const uint16_t* b0 = B.bf16 + (static_cast<size_t>(k0 / 2) * B.ldb + n0) * 2;
+          _tile_loadd(4, a0 + k0, sa);
+          _tile_loadd(6, b0, sb);
+          _tile_dpbf16ps(0, 4, 6);
+          if (n2) {
+            _tile_loadd(7, b0 + 32, sb);
+            _tile_dpbf16ps(1, 4, 7);
+          }
+          if (m2) {
+            _tile_loadd(5, a1 + k0, sa);
+            _tile_dpbf16ps(2, 5, 6);
+            if (n2) _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        _tile_stored(0, out[0], 64);
+        if (n2) _tile_stored(1, out[1], 64);
+        if (m2) {
+          _tile_stored(2, out[2], 64);
+          if (n2) _tile_stored(3, out[3], 64);
+        }
+        const int r0 = std::min(16, M - m0), r1 = M - m0 - 16;
+        const int c0 = std::min(16, N - n0), c1 = N - n0 - 16;
+        float* Cb = C + static_cast<size_t>(m0) * ldc + n0;
+        const float* bb = bias ? bias + n0 : nullptr;
+        store_tile(out[0], r0, c0, Cb, ldc, bb, acc);
+        if (n2) store_tile(out[1], r0, std::min(16, c1), Cb + 16, ldc, bb ? bb + 16 : nullptr, acc);
+        if (m2) {
+          float* Cm = Cb + static_cast<size_t>(16) * ldc;
+          store_tile(out[2], std::min(16, r1), c0, Cm, ldc, bb, acc);
+          if (n2)
+            store_tile(out[3], std::min(16, r1), std::min(16, c1), Cm + 16, ldc,
+                       bb ? bb + 16 : nullptr, acc);
+        }
+      }
+    }
+    _tile_release();
+  }
+};
+#endif  // SRP4CTR_AMX
+
 }  // namespace
+
+bool amx_compiled() {
+#ifdef SRP4CTR_AMX
+  return true;
+#else
+  return false;
+#endif
+}
+
+void score_amx(const Model& m, const Request& r) {
+#ifdef SRP4CTR_AMX
+  score_request<AmxBf16>(m, r, r.tile);
+#else
+  (void)m;
+  (void)r;
+  throw std::runtime_error("srp4ctr._C was compiled without AMX support");
+#endif
+}
 
 void score_avx512(const Model& m, const Request& r) {
   if (m.precision == Precision::kBF16)

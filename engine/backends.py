@@ -170,11 +170,12 @@ class CppBackend(ScoringBackend):
     the CPU has it (a portable path otherwise).
 
     Precision follows the engine's dtype: ``float32`` is exact (fp32 FMA), ``bfloat16`` runs the
-    products with AVX512-BF16 dot products (bf16 weights, K/V and activations, fp32 sums;
-    softmax, LayerNorm, GELU and residuals in fp32). Threads: ``threads`` if set, else
-    ``SRP4CTR_CPP_THREADS``, else ``torch.get_num_threads()`` at call time. ``SRP4CTR_CPP_ISA``
-    (``auto``, ``avx512``, ``generic``) forces the instruction set; ``SRP4CTR_CPP_TILE`` (default
-    48) sets the candidates per work item.
+    products on AMX tiles where the CPU has them, else with AVX512-BF16 dot products (bf16
+    weights, K/V and activations, fp32 sums; softmax, LayerNorm, GELU and residuals in fp32).
+    Threads: ``threads`` if set, else ``SRP4CTR_CPP_THREADS``, else ``torch.get_num_threads()``
+    at call time. ``SRP4CTR_CPP_ISA`` (``auto``, ``amx`` (bf16 only), ``avx512``, ``generic``)
+    forces the instruction set; ``SRP4CTR_CPP_TILE`` (default 48) sets the candidates per work
+    item.
     """
 
     name = "cpp"

@@ -41,7 +41,8 @@ if _ext.extension() is None:
 
 FEATURES = _ext.extension().cpu_features()
 ISAS = ["generic"] + (["avx512"] if FEATURES["avx512"] else [])
-BF16_ISAS = ["generic"] + (["avx512"] if FEATURES["avx512_bf16"] else [])
+BF16_ISAS = (["generic"] + (["avx512"] if FEATURES["avx512_bf16"] else [])
+             + (["amx"] if FEATURES["amx_bf16"] else []))
 ATOL = 1e-5
 BF16_ATOL = 2e-2  # probabilities; measured worst on these shapes ~7e-3 (csrc/README.md)
 
@@ -156,6 +157,31 @@ def test_without_item_tables():
 
 
 @pytest.mark.parametrize("isa", BF16_ISAS)
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shape=SHAPES)
+def test_bf16_shapes_close_to_fp32(isa, shape):
+    """Every bf16 instruction set over the shapes of the fp32 test: K of every product from 8
+    (head dim) to 200 (history), odd row and column counts, several users per call (the AMX
+    path pads K to whole tiles of 32 and rows to 16)."""
+    d, heads = shape["d_heads"]
+    m = make_model(d, shape["layers"], heads, shape["head"], xattn=shape["xattn"],
+                   seed=shape["seed"])
+    f32 = FoldedModel(m, torch.float32, torch.device("cpu"))
+    b16 = FoldedModel(m, torch.bfloat16, torch.device("cpu"))
+    caches = [make_cache(f32, n, shape["seed"] + i) for i, n in enumerate(shape["lengths"])]
+    c16 = [UserCache(c.k.bfloat16(), c.v.bfloat16(), c.head_user.bfloat16(), fingerprint="test")
+           for c in caches]
+    counts = shape["counts"][: len(caches)]
+    ids = torch.randint(0, f32.n_item_ids, (sum(counts),),
+                        generator=torch.Generator().manual_seed(shape["seed"]))
+    with torch.no_grad():
+        want = probs(TorchBackend(f32).score_many(caches, ids, counts))
+        got = backend(b16, isa, threads=shape["threads"]).score_many(c16, ids, counts)
+    assert got.dtype == torch.bfloat16
+    assert_close(probs(got), want, BF16_ATOL, f"bf16 {isa} {shape}")
+
+
+@pytest.mark.parametrize("isa", BF16_ISAS)
 @pytest.mark.parametrize("n,C", [(0, 3), (1, 1), (37, 100), (200, 1000)])
 def test_bf16_close_to_fp32(isa, n, C):
     m = make_model(64, 2, 2, (200, 80), n_items=500)
@@ -222,6 +248,13 @@ def test_extension_checks_its_inputs():
     with pytest.raises(ValueError, match="w1"):
         ext.Tower(16, 2, [layer], fm.head_zn.numpy(), [(w.numpy(), bb.numpy()) for w, bb in fm.rest],
                   fm.h1, "fp32", "auto")
+    with pytest.raises(ValueError, match="isa must be"):
+        ext.Tower(16, 2, [], None, [], 8, "fp32", "sse")
+    with pytest.raises(ValueError, match="bf16"):
+        ext.Tower(16, 2, [], None, [], 8, "fp32", "amx")  # AMX here is a bf16 path only
+    if not FEATURES["amx_bf16"]:
+        with pytest.raises(RuntimeError, match="AMX"):
+            ext.Tower(16, 2, [], None, [], 8, "bf16", "amx")
     f16 = FoldedModel(m, torch.float16, torch.device("cpu"))
     from srp4ctr.kernels import BackendUnavailableError
 
