@@ -13,7 +13,9 @@ Usage::
 
     python bench/cpp_accuracy.py --run RUN_DIR [--out bench/results/cpp_accuracy.json]
 
-Paths: ``torch`` fp32, ``cpp`` fp32, ``cpp`` bf16, ``torch`` bf16 (whichever can run here).
+Paths: ``torch`` fp32, ``cpp`` fp32, ``cpp`` bf16 (the instruction set ``auto`` picks: AMX where
+the CPU has it), ``cpp_bf16_avx512`` (AVX512-BF16, only where ``auto`` picks AMX), ``torch``
+bf16 (whichever can run here).
 """
 
 from __future__ import annotations
@@ -27,12 +29,41 @@ from pathlib import Path
 import numpy as np
 import torch
 
-PATHS = {  # name: (backend, dtype)
-    "torch_fp32": ("torch", torch.float32),
-    "cpp_fp32": ("cpp", torch.float32),
-    "cpp_bf16": ("cpp", torch.bfloat16),
-    "torch_bf16": ("torch", torch.bfloat16),
+PATHS = {  # name: (backend, dtype, SRP4CTR_CPP_ISA or None for the default)
+    "torch_fp32": ("torch", torch.float32, None),
+    "cpp_fp32": ("cpp", torch.float32, None),
+    "cpp_bf16": ("cpp", torch.bfloat16, None),
+    "cpp_bf16_avx512": ("cpp", torch.bfloat16, "avx512"),
+    "torch_bf16": ("torch", torch.bfloat16, None),
 }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _load(run, ds, backend, dtype, isa):
+    import os
+
+    from srp4ctr.engine import Engine
+
+    old = os.environ.get("SRP4CTR_CPP_ISA")
+    if isa is not None:
+        os.environ["SRP4CTR_CPP_ISA"] = isa
+    try:
+        return Engine.load(run, dataset=ds, backend=backend, dtype=dtype)
+    finally:
+        if isa is not None:
+            if old is None:
+                os.environ.pop("SRP4CTR_CPP_ISA")
+            else:
+                os.environ["SRP4CTR_CPP_ISA"] = old
 
 
 def _history(ds, user: int, end: int) -> dict:
@@ -48,7 +79,6 @@ def _history(ds, user: int, end: int) -> dict:
 
 def main(argv=None) -> dict:
     from srp4ctr import data
-    from srp4ctr.engine import Engine
     from srp4ctr.metrics import auc, logloss
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -60,10 +90,18 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     ds = data.prepare(args.dataset)
     engines = {}
-    for name, (backend, dtype) in PATHS.items():
-        e = Engine.load(args.run, dataset=ds, backend=backend, dtype=dtype)
-        if e.backend == backend:  # cpp falls back to torch when not built: skip, do not mislabel
-            engines[name] = e
+    for name, (backend, dtype, isa) in PATHS.items():
+        try:
+            e = _load(args.run, ds, backend, dtype, isa)
+        except RuntimeError as err:  # the forced instruction set is not on this CPU
+            print(f"{name}: skipped ({err})", flush=True)
+            continue
+        if e.backend != backend:  # cpp falls back to torch when not built: skip, do not mislabel
+            continue
+        if isa is not None and engines.get("cpp_bf16") is not None and \
+                engines["cpp_bf16"]._backend.describe()["isa"] == isa:
+            continue  # the default already is this instruction set
+        engines[name] = e
     test_rows = np.flatnonzero(ds.split == 2)
     users = ds.user[test_rows]
     labels = ds.label[test_rows].astype(np.float64)
@@ -71,8 +109,8 @@ def main(argv=None) -> dict:
     catalogue = ds.item_raw[1 : ds.n_items + 1]
     out = {"run": str(args.run), "dataset": args.dataset, "n_test": int(len(test_rows)),
            "n_users": int(ds.n_users), "n_items": int(ds.n_items), "paths": {},
-           "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                       "threads": args.threads}}
+           "machine": {"cpu": _cpu_model(), "platform": platform.platform(),
+                       "torch": torch.__version__, "threads": args.threads}}
     ref_test = ref_cat = None
     for name, e in engines.items():
         t0 = time.perf_counter()

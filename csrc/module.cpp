@@ -237,6 +237,135 @@ class Tower {
   Model m_;
 };
 
+// The user side of one model (fp32): FG-BERT layers, Q-Former, the head's user block.
+class UserEncoder {
+ public:
+  UserEncoder(int d_model, int n_heads, const py::list& layers, const py::tuple& final_ln,
+              const py::list& qblocks, py::object q_ln, py::object head_user, int n_queries,
+              int h1, const std::string& isa) {
+    if (d_model <= 0 || n_heads <= 0 || d_model % n_heads)
+      throw std::invalid_argument("d_model must be a positive multiple of n_heads");
+    if (h1 <= 0 || n_queries < 0) throw std::invalid_argument("h1 > 0 and n_queries >= 0");
+    e_.d = d_model;
+    e_.heads = n_heads;
+    e_.head_dim = d_model / n_heads;
+    e_.n_queries = n_queries;
+    e_.h1 = h1;
+    e_.isa = pick_isa(isa == "amx" ? std::string("avx512") : isa, Precision::kF32);
+    const int d = d_model;
+    auto get = [](const py::dict& D, const char* k) { return D[k].cast<F32Array>(); };
+    auto attn = [&](const py::dict& D, const std::string& p) {
+      srp4ctr::AttnWeights a;
+      a.wq = pack(get(D, (p + "wq").c_str()), d, d, false, false, "wq");
+      a.wk = pack(get(D, (p + "wk").c_str()), d, d, false, false, "wk");
+      a.wv = pack(get(D, (p + "wv").c_str()), d, d, false, false, "wv");
+      a.wo = pack(get(D, (p + "wo").c_str()), d, d, false, false, "wo");
+      a.bq = vec(get(D, (p + "bq").c_str()), d, "bq");
+      a.bk = vec(get(D, (p + "bk").c_str()), d, "bk");
+      a.bv = vec(get(D, (p + "bv").c_str()), d, "bv");
+      a.bo = vec(get(D, (p + "bo").c_str()), d, "bo");
+      return a;
+    };
+    auto ffn = [&](const py::dict& D, Packed& w1, std::vector<float>& b1, Packed& w2,
+                   std::vector<float>& b2) {
+      F32Array a1 = get(D, "w1");
+      if (a1.ndim() != 2 || a1.shape(1) != d) throw std::invalid_argument("w1: expected [F, d]");
+      const py::ssize_t F = a1.shape(0);
+      if (e_.ffn && e_.ffn != F) throw std::invalid_argument("every FFN needs the same width");
+      e_.ffn = static_cast<int>(F);
+      w1 = pack(a1, F, d, false, false, "w1");
+      b1 = vec(get(D, "b1"), F, "b1");
+      w2 = pack(get(D, "w2"), d, F, false, false, "w2");
+      b2 = vec(get(D, "b2"), d, "b2");
+    };
+    auto ln = [&](const py::dict& D, const std::string& name, std::vector<float>& w,
+                  std::vector<float>& b) {
+      w = vec(get(D, (name + "_w").c_str()), d, (name + "_w").c_str());
+      b = vec(get(D, (name + "_b").c_str()), d, (name + "_b").c_str());
+    };
+    for (auto item : layers) {
+      auto D = item.cast<py::dict>();
+      srp4ctr::EncLayerWeights w;
+      ln(D, "ln1", w.ln1_w, w.ln1_b);
+      ln(D, "ln2", w.ln2_w, w.ln2_b);
+      w.attn = attn(D, "");
+      ffn(D, w.w1, w.b1, w.w2, w.b2);
+      e_.layers.push_back(std::move(w));
+    }
+    if (final_ln.size() != 2) throw std::invalid_argument("final_ln: (weight, bias)");
+    e_.final_w = vec(final_ln[0].cast<F32Array>(), d, "final_ln weight");
+    e_.final_b = vec(final_ln[1].cast<F32Array>(), d, "final_ln bias");
+    for (auto item : qblocks) {
+      auto D = item.cast<py::dict>();
+      srp4ctr::QBlockWeights b;
+      ln(D, "ln1", b.ln1_w, b.ln1_b);
+      ln(D, "ln2", b.ln2_w, b.ln2_b);
+      ln(D, "ln3", b.ln3_w, b.ln3_b);
+      b.self_attn = attn(D, "self_");
+      b.cross_attn = attn(D, "cross_");
+      ffn(D, b.w1, b.b1, b.w2, b.b2);
+      e_.qblocks.push_back(std::move(b));
+    }
+    if (n_queries) {
+      if (q_ln.is_none() || head_user.is_none())
+        throw std::invalid_argument("a Q-Former needs q_ln and head_user");
+      auto ql = q_ln.cast<py::tuple>();
+      e_.qln_w = vec(ql[0].cast<F32Array>(), d, "q_ln weight");
+      e_.qln_b = vec(ql[1].cast<F32Array>(), d, "q_ln bias");
+      auto hu = head_user.cast<py::tuple>();
+      e_.head_user = pack(hu[0].cast<F32Array>(), h1, static_cast<py::ssize_t>(n_queries) * d,
+                          false, false, "head_user");
+      e_.head_b = vec(hu[1].cast<F32Array>(), h1, "head_user bias");
+    } else {
+      if (!qblocks.empty()) throw std::invalid_argument("Q-Former blocks without queries");
+      if (head_user.is_none()) throw std::invalid_argument("head_user: (None, bias) needed");
+      e_.head_b = vec(head_user.cast<py::tuple>()[1].cast<F32Array>(), h1, "head_user bias");
+    }
+  }
+
+  // -> (k [L, n, d], v [L, n, d], qtokens [M, d], head_user [h1]), all float32.
+  py::tuple encode(const F32Array& x, py::object queries, int threads) {
+    const int d = e_.d, M = e_.n_queries, nl = static_cast<int>(e_.layers.size());
+    if (x.ndim() != 2 || x.shape(1) != d) throw std::invalid_argument("x: expected [n, d_model]");
+    const py::ssize_t n = x.shape(0);
+    F32Array qa;
+    if (M) {
+      if (queries.is_none()) throw std::invalid_argument("queries: expected [n_queries, d]");
+      qa = queries.cast<F32Array>();
+      if (qa.ndim() != 2 || qa.shape(0) != M || qa.shape(1) != d)
+        throw std::invalid_argument("queries: expected [n_queries, d_model]");
+    }
+    for (py::ssize_t i = 0; i < n * d; ++i)
+      if (!std::isfinite(x.data()[i])) throw std::invalid_argument("x: not finite");
+    F32Array k({static_cast<py::ssize_t>(nl), n, static_cast<py::ssize_t>(d)});
+    F32Array v({static_cast<py::ssize_t>(nl), n, static_cast<py::ssize_t>(d)});
+    F32Array qt({static_cast<py::ssize_t>(M), static_cast<py::ssize_t>(d)});
+    F32Array hu({static_cast<py::ssize_t>(e_.h1)});
+    srp4ctr::EncodeRequest r;
+    r.x = x.data();
+    r.n = n;
+    r.queries = M ? qa.data() : nullptr;
+    r.k = k.mutable_data();
+    r.v = v.mutable_data();
+    r.qtokens = qt.mutable_data();
+    r.head_user = hu.mutable_data();
+    r.threads = std::max(1, threads);
+    {
+      py::gil_scoped_release nogil;
+      if (e_.isa == Isa::kAvx512)
+        srp4ctr::encode_avx512(e_, r);
+      else
+        srp4ctr::encode_generic(e_, r);
+    }
+    return py::make_tuple(k, v, qt, hu);
+  }
+
+  std::string isa() const { return e_.isa == Isa::kAvx512 ? "avx512" : "generic"; }
+
+ private:
+  srp4ctr::Encoder e_;
+};
+
 }  // namespace
 
 namespace srp4ctr {
@@ -296,6 +425,15 @@ PYBIND11_MODULE(_C, mod) {
            py::arg("tile") = 48)
       .def_property_readonly("isa", &Tower::isa)
       .def_property_readonly("precision", &Tower::precision);
+  py::class_<UserEncoder>(mod, "UserEncoder")
+      .def(py::init<int, int, const py::list&, const py::tuple&, const py::list&, py::object,
+                    py::object, int, int, const std::string&>(),
+           py::arg("d_model"), py::arg("n_heads"), py::arg("layers"), py::arg("final_ln"),
+           py::arg("qblocks"), py::arg("q_ln"), py::arg("head_user"), py::arg("n_queries"),
+           py::arg("h1"), py::arg("isa") = "auto")
+      .def("encode", &UserEncoder::encode, py::arg("x"), py::arg("queries"),
+           py::arg("threads") = 1)
+      .def_property_readonly("isa", &UserEncoder::isa);
   mod.def("cpu_features", [] {
     py::dict d;
     d["avx512"] = srp4ctr::cpu_has_avx512();

@@ -76,7 +76,49 @@ struct Request {
   int tile = 48;  // candidate rows per tile (a multiple of 48 avoids partial register blocks)
 };
 
+// ---------------------------------------------------------------- the user side (fp32)
+struct AttnWeights {
+  Packed wq, wk, wv, wo;
+  std::vector<float> bq, bk, bv, bo;
+};
+
+struct EncLayerWeights {  // one FG-BERT layer (pre-LN)
+  std::vector<float> ln1_w, ln1_b, ln2_w, ln2_b, b1, b2;
+  AttnWeights attn;
+  Packed w1, w2;
+};
+
+struct QBlockWeights {  // one Q-Former block
+  std::vector<float> ln1_w, ln1_b, ln2_w, ln2_b, ln3_w, ln3_b, b1, b2;
+  AttnWeights self_attn, cross_attn;
+  Packed w1, w2;
+};
+
+struct Encoder {
+  int d = 0, heads = 0, head_dim = 0, ffn = 0, n_queries = 0, h1 = 0;
+  Isa isa = Isa::kGeneric;
+  std::vector<EncLayerWeights> layers;
+  std::vector<float> final_w, final_b;  // the encoder's final LayerNorm
+  std::vector<QBlockWeights> qblocks;
+  std::vector<float> qln_w, qln_b;      // the Q-Former's final LayerNorm
+  Packed head_user;                     // [n_queries * d] -> [h1] (empty without a Q-Former)
+  std::vector<float> head_b;            // [h1]
+};
+
+struct EncodeRequest {
+  const float* x = nullptr;        // [n, d] the history's summed embeddings
+  int64_t n = 0;
+  const float* queries = nullptr;  // [n_queries, d] the Q-Former's queries (+ the user's offset)
+  float* k = nullptr;              // [n_layers, n, d] out
+  float* v = nullptr;              // [n_layers, n, d] out
+  float* qtokens = nullptr;        // [n_queries, d] out
+  float* head_user = nullptr;      // [h1] out
+  int threads = 1;
+};
+
 // Implementations (one translation unit per instruction set).
+void encode_generic(const Encoder& e, const EncodeRequest& r);
+void encode_avx512(const Encoder& e, const EncodeRequest& r);
 void score_generic(const Model& m, const Request& r);
 void score_avx512(const Model& m, const Request& r);
 void score_amx(const Model& m, const Request& r);  // bf16 only

@@ -485,6 +485,8 @@ void score_amx(const Model& m, const Request& r) {
 #endif
 }
 
+void encode_avx512(const Encoder& e, const EncodeRequest& r) { encode_request<Avx512F32>(e, r); }
+
 void score_avx512(const Model& m, const Request& r) {
   if (m.precision == Precision::kBF16)
     score_request<Avx512Bf16>(m, r, r.tile);

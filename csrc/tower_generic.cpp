@@ -67,6 +67,10 @@ struct GenericOps {
 
 }  // namespace
 
+void encode_generic(const Encoder& e, const EncodeRequest& r) {
+  encode_request<GenericOps<false>>(e, r);
+}
+
 void score_generic(const Model& m, const Request& r) {
   if (m.precision == Precision::kBF16)
     score_request<GenericOps<true>>(m, r, r.tile);

@@ -261,6 +261,92 @@ class CppBackend(ScoringBackend):
                 "precision": self._tower.precision, "threads": self._threads()}
 
 
+class CppUserEncoder:
+    """The user side of one model in C++ (``srp4ctr._C.UserEncoder``, fp32): FG-BERT's layers over
+    one user's embedded history (writing the per-layer K/V the cache keeps), the final
+    LayerNorm, the Q-Former and the head's user block — one call instead of ~40 small torch ops.
+    The embeddings (table look-ups) and the Q-Former's per-user query offset stay in torch.
+
+    Equal to the model's ``encode_users`` to fp32 rounding (``tests/test_cpp.py``). Needs the
+    uni cross-attention (``use_xattn``): the pooled-history ablation is served by torch.
+    """
+
+    def __init__(self, model):
+        from srp4ctr._ext import extension
+
+        ext = extension()
+        if ext is None:
+            from srp4ctr._ext import unavailable_reason
+
+            raise BackendUnavailableError(f"user_side='cpp': {unavailable_reason()}")
+        cfg = model.config
+        if not cfg.use_xattn:
+            raise BackendUnavailableError(
+                "user_side='cpp' serves models with the uni cross-attention; this one pools the "
+                "history (use_xattn=False)")
+        self.model = model
+
+        def f32(t):
+            return t.detach().to("cpu", torch.float32).contiguous().numpy()
+
+        def attn(a, prefix=""):
+            out = {}
+            for n in ("q", "k", "v", "o"):
+                lin = getattr(a, f"w{n}")
+                out[f"{prefix}w{n}"], out[f"{prefix}b{n}"] = f32(lin.weight), f32(lin.bias)
+            return out
+
+        def ffn(f):
+            return {"w1": f32(f.w1.weight), "b1": f32(f.w1.bias),
+                    "w2": f32(f.w2.weight), "b2": f32(f.w2.bias)}
+
+        def ln(m, name):
+            return {f"{name}_w": f32(m.weight), f"{name}_b": f32(m.bias)}
+
+        layers = [{**ln(L.ln1, "ln1"), **ln(L.ln2, "ln2"), **attn(L.attn), **ffn(L.ffn)}
+                  for L in model.encoder.layers]
+        enc = model.encoder
+        qf = model.qformer
+        w1 = model.head.first
+        d = cfg.d_model
+        if qf is not None:
+            blocks = [{**ln(b.ln1, "ln1"), **ln(b.ln2, "ln2"), **ln(b.ln3, "ln3"),
+                       **attn(b.self_attn, "self_"), **attn(b.cross_attn, "cross_"), **ffn(b.ffn)}
+                      for b in qf.blocks]
+            q_ln = (f32(qf.ln.weight), f32(qf.ln.bias))
+            n_queries = int(qf.queries.shape[0])
+            head_user = (f32(w1.weight[:, model.head.cand_dim:]), f32(w1.bias))
+        else:
+            blocks, q_ln, n_queries = [], None, 0
+            head_user = (None, f32(w1.bias))
+        isa = os.environ.get("SRP4CTR_CPP_ISA", "auto")
+        self._enc = ext.UserEncoder(d, cfg.n_heads, layers,
+                                    (f32(enc.final_ln.weight), f32(enc.final_ln.bias)), blocks,
+                                    q_ln, head_user, n_queries, int(w1.weight.shape[0]), isa)
+        self.n_queries = n_queries
+        self.isa = self._enc.isa
+
+    def encode_one(self, batch: dict, threads: int):
+        """One user's ``batch`` (``[1, n]`` tensors, n = its history length) -> ``(k, v, qtokens,
+        head_user)``: k, v ``[n_layers, n, H, Dh]``, qtokens ``[M, d]`` or None, head_user
+        ``[h1]``, float32 tensors on the CPU."""
+        m, cfg = self.model, self.model.config
+        with torch.no_grad():
+            x, _ = m.encoder.embed(batch)
+            queries = None
+            if self.n_queries:
+                queries = m.qformer.queries
+                if m.query_offset is not None:
+                    queries = queries + m.query_offset(m.user_emb(batch)).reshape(
+                        self.n_queries, cfg.d_model)
+                queries = queries.detach().contiguous().numpy()
+            x = x[0, : int(batch["hist_len"][0])].detach().contiguous().numpy()
+        k, v, qt, hu = self._enc.encode(x, queries, threads)
+        shape = (k.shape[0], k.shape[1], cfg.n_heads, cfg.d_model // cfg.n_heads)
+        return (torch.from_numpy(k).reshape(shape), torch.from_numpy(v).reshape(shape),
+                torch.from_numpy(qt) if self.n_queries else None, torch.from_numpy(hu))
+
+
 BACKENDS: dict[str, type[ScoringBackend]] = {
     "torch": TorchBackend,
     "triton": TritonBackend,

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from srp4ctr.errors import CacheError, CheckpointError, InputError, UnknownItemError
+from srp4ctr.kernels import BackendUnavailableError
 
-from .backends import ScoringBackend, resolve_backend
+from .backends import CppBackend, CppUserEncoder, ScoringBackend, resolve_backend
 from .cache import UserCache
 from .folded import DEFAULT_MAX_TABLE_BYTES, FoldedModel
 from .inputs import as_history_dict, as_raw_ids
@@ -205,13 +206,18 @@ class Engine:
         user_threads: torch intra-op threads for the user side on CPU (``None``: one thread for
             batches of at most :data:`SINGLE_THREAD_USER_TOKENS` history positions, the
             process's count otherwise); never more than the process's count.
+        user_side: who runs the user side: ``"torch"`` (the model's own forward), ``"cpp"`` (the
+            C++ encoder, :class:`~srp4ctr.engine.backends.CppUserEncoder`; CPU, fp32, models
+            with the uni cross-attention), ``"auto"``: ``cpp`` with the ``cpp`` scoring backend
+            where it can serve the model, else torch.
     """
 
     def __init__(self, model, dataset, *, fingerprint: str, device: Any = "cpu",
                  backend: str = "auto", dtype: Any = torch.float32,
                  max_chunk_bytes: int | None = None, chunk_size: int | None = None,
                  fold_items: bool | str = "auto", max_table_bytes: int = DEFAULT_MAX_TABLE_BYTES,
-                 user_threads: int | None = None, checkpoint: str | None = None):
+                 user_threads: int | None = None, user_side: str = "auto",
+                 checkpoint: str | None = None):
         from srp4ctr.models import SRP4CTR
 
         if not isinstance(model, SRP4CTR):
@@ -248,6 +254,7 @@ class Engine:
         with torch.no_grad():
             self.folded = FoldedModel(model, self.dtype, self.device, fold_items, max_table_bytes)
         self._backend: ScoringBackend = self._backend_cls(self.folded)
+        self._user_encoder = self._pick_user_side(user_side)
         self._string_ids = self.dataset.item_raw.dtype.kind not in "iu"
 
     # ------------------------------------------------------------------ construction
@@ -258,7 +265,7 @@ class Engine:
              max_chunk_bytes: int | None = None, chunk_size: int | None = None,
              fold_items: bool | str = "auto",
              max_table_bytes: int = DEFAULT_MAX_TABLE_BYTES,
-             user_threads: int | None = None) -> Engine:
+             user_threads: int | None = None, user_side: str = "auto") -> Engine:
         """An engine for the fine-tuning checkpoint ``checkpoint_dir`` (kind ``srp4ctr``).
 
         Args:
@@ -273,7 +280,8 @@ class Engine:
                 :data:`DEFAULT_MAX_CHUNK_BYTES` of the device type), or a fixed number of
                 candidates per chunk. Results do not depend on them beyond fp32 rounding.
             fold_items: build the per-item tables (``"auto"``: when they fit ``max_table_bytes``).
-            user_threads: torch threads of the user side on CPU (see the class docstring).
+            user_threads, user_side: the user side's threads and implementation (see the class
+                docstring).
 
         Raises:
             CheckpointError: not a checkpoint, truncated or altered weights, another kind than
@@ -299,7 +307,7 @@ class Engine:
         return cls(model, ds, fingerprint=cfg["weights_sha256"], device=device, backend=backend,
                    dtype=dtype, max_chunk_bytes=max_chunk_bytes, chunk_size=chunk_size,
                    fold_items=fold_items, max_table_bytes=max_table_bytes,
-                   user_threads=user_threads, checkpoint=str(path))
+                   user_threads=user_threads, user_side=user_side, checkpoint=str(path))
 
     @classmethod
     def from_model(cls, model, dataset, *, fingerprint: str | None = None, **kwargs) -> Engine:
@@ -341,6 +349,7 @@ class Engine:
             "max_chunk_bytes": self.max_chunk_bytes,
             "chunk_size": self.chunk_size,
             "user_threads": self.user_threads,
+            "user_side": self.user_side,
             "folded": self.folded.describe(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
@@ -408,6 +417,25 @@ class Engine:
             )
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    def _pick_user_side(self, user_side: Any) -> CppUserEncoder | None:
+        key = user_side.strip().lower() if isinstance(user_side, str) else None
+        if key not in ("auto", "torch", "cpp"):
+            raise InputError(f"user_side must be 'auto', 'torch' or 'cpp', got {user_side!r}")
+        if key == "torch" or self.device.type != "cpu":
+            if key == "cpp":
+                raise BackendUnavailableError(
+                    f"user_side='cpp' runs on CPU; the engine is on {self.device}")
+            return None
+        if key == "auto" and (not isinstance(self._backend, CppBackend)
+                              or not self.config.use_xattn):
+            return None
+        return CppUserEncoder(self.model)  # raises BackendUnavailableError for 'cpp' if it can't
+
+    @property
+    def user_side(self) -> str:
+        """Who runs the user side: ``"cpp"`` or ``"torch"``."""
+        return "cpp" if self._user_encoder is not None else "torch"
+
     def _user_side_threads(self, batch: dict[str, torch.Tensor]) -> int | None:
         """Intra-op threads for the user side of ``batch`` (None: leave torch's count)."""
         if self.device.type != "cpu":
@@ -416,7 +444,30 @@ class Engine:
             return self.user_threads
         return 1 if batch["hist_item"].numel() <= SINGLE_THREAD_USER_TOKENS else None
 
+    def _caches_cpp(self, arrays, user_ids) -> list[UserCache]:
+        if self.user_threads:
+            threads = self.user_threads
+        elif isinstance(self._backend, CppBackend):
+            threads = self._backend._threads()
+        else:
+            threads = int(os.environ.get("SRP4CTR_CPP_THREADS") or torch.get_num_threads())
+        out = []
+        for a, uid in zip(arrays, user_ids):
+            batch = self._batch([a])
+            with _intra_op_threads(1):  # the embedding look-ups: a few tiny torch ops
+                k, v, qtokens, head_user = self._user_encoder.encode_one(batch, threads)
+            out.append(UserCache(
+                k.to(self.dtype).contiguous(), v.to(self.dtype).contiguous(),
+                head_user.to(self.dtype), None if qtokens is None else qtokens.to(self.dtype),
+                None, fingerprint=self.fingerprint, user_id=uid,
+            ))
+        for c in out:
+            c.check_finite()
+        return out
+
     def _caches(self, arrays, user_ids) -> list[UserCache]:
+        if self._user_encoder is not None:
+            return self._caches_cpp(arrays, user_ids)
         batch = self._batch(arrays)
         with torch.no_grad(), _intra_op_threads(self._user_side_threads(batch)):
             state = self.model.encode_users(batch)

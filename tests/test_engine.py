@@ -12,6 +12,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 from train_fixtures import (
     TINY,
@@ -634,8 +636,8 @@ def _spy_threads(engine) -> list[int]:
 def test_user_side_thread_count_and_restore(ckpt, tiny):
     from srp4ctr.engine.engine import SINGLE_THREAD_USER_TOKENS
 
-    auto = Engine.load(ckpt, dataset=tiny)
-    two = Engine.load(ckpt, dataset=tiny, user_threads=2)
+    auto = Engine.load(ckpt, dataset=tiny, user_side="torch")
+    two = Engine.load(ckpt, dataset=tiny, user_threads=2, user_side="torch")
     assert auto.describe()["user_threads"] is None and two.describe()["user_threads"] == 2
     seen_auto, seen_two = _spy_threads(auto), _spy_threads(two)
     h = raw_history(tiny, 1)
@@ -667,8 +669,9 @@ def test_user_side_thread_count_and_restore(ckpt, tiny):
         torch.set_num_threads(1)
 
 
-def test_concurrent_encoding_restores_the_thread_count(ckpt, tiny):
-    eng = Engine.load(ckpt, dataset=tiny)
+@pytest.mark.parametrize("side", ["torch", "auto"])
+def test_concurrent_encoding_restores_the_thread_count(ckpt, tiny, side):
+    eng = Engine.load(ckpt, dataset=tiny, user_side=side)
     hs = [raw_history(tiny, u) for u in range(1, 9)]
     serial = [eng.encode_user(h) for h in hs]
     torch.set_num_threads(3)
@@ -700,3 +703,107 @@ def test_concurrent_encoding_restores_the_thread_count(ckpt, tiny):
 def test_bad_user_threads(ckpt, tiny, bad):
     with pytest.raises(InputError, match="user_threads"):
         Engine.load(ckpt, dataset=tiny, user_threads=bad)
+
+
+# ----------------------------------------------------------------------------- C++ user side
+needs_cpp = pytest.mark.skipif(_ext.extension() is None, reason="C++ extension not built")
+CPP_ISAS = ["generic"] + (["avx512"] if _ext.extension() is not None
+                          and _ext.extension().cpu_features()["avx512"] else [])
+
+
+def _with_isa(isa: str, make):
+    old = os.environ.get("SRP4CTR_CPP_ISA")
+    os.environ["SRP4CTR_CPP_ISA"] = isa
+    try:
+        return make()
+    finally:
+        if old is None:
+            os.environ.pop("SRP4CTR_CPP_ISA")
+        else:
+            os.environ["SRP4CTR_CPP_ISA"] = old
+
+
+def _assert_same_cache(a: UserCache, b: UserCache, atol: float = ATOL):
+    assert a.length == b.length and a.k.shape == b.k.shape
+    for name in ("k", "v", "head_user", "qtokens"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert close(x, y, atol), f"{name}: max diff {(x - y).abs().max().item():.3g}"
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", CPP_ISAS)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(d_heads=st.sampled_from([(16, 2), (16, 1), (24, 3), (32, 4)]),
+       layers=st.integers(1, 3), queries=st.integers(1, 4), blocks=st.integers(1, 2),
+       qformer=st.booleans(), offset=st.booleans(), seed=st.integers(0, 100))
+def test_cpp_user_side_equals_torch(tiny, isa, d_heads, layers, queries, blocks, qformer,
+                                    offset, seed):
+    torch.manual_seed(seed)
+    d, heads = d_heads
+    cfg = ModelConfig(**{**TINY, "d_model": d, "n_heads": heads, "n_layers": layers,
+                         "n_queries": queries, "qformer_blocks": blocks,
+                         "use_qformer": qformer, "qformer_user_offset": offset})
+    m = perturbed(SRP4CTR(ModelSpec.from_dataset(tiny), cfg), seed=seed + 1, scale=0.2)
+    cpp = _with_isa(isa, lambda: Engine.from_model(m, tiny, backend="cpp", user_side="cpp"))
+    ref = Engine.from_model(m, tiny, backend="cpp", user_side="torch")
+    assert cpp.user_side == "cpp" and ref.user_side == "torch"
+    assert cpp._user_encoder.isa == isa
+    hs = [raw_history(tiny, u) for u in (1 + seed % 7, 12)]
+    hs += [{"item_id": [], "rating": [], "timestamp": []},          # empty history
+           {**raw_history(tiny, 3), "item_id": raw_history(tiny, 3)["item_id"][:1],
+            "rating": raw_history(tiny, 3)["rating"][:1],
+            "timestamp": raw_history(tiny, 3)["timestamp"][:1]}]  # one interaction
+    for h in hs:
+        a, b = cpp.encode_user(h), ref.encode_user(h)
+        _assert_same_cache(a, b)
+        assert close(cpp.score(a, [1, 2, 30]), ref.score(b, [1, 2, 30]))
+    many = cpp.encode_users(hs)
+    for c, h in zip(many, hs):
+        _assert_same_cache(c, ref.encode_user(h))
+
+
+@needs_cpp
+def test_cpp_user_side_choice(tiny, ckpt):
+    auto = Engine.load(ckpt, dataset=tiny)
+    assert auto.user_side == "cpp" and auto.describe()["user_side"] == "cpp"
+    assert Engine.load(ckpt, dataset=tiny, backend="torch").user_side == "torch"
+    assert Engine.load(ckpt, dataset=tiny, backend="torch", user_side="cpp").user_side == "cpp"
+    pooled = perturbed(SRP4CTR(ModelSpec.from_dataset(tiny),
+                               ModelConfig(**{**TINY, "use_xattn": False})), seed=2)
+    assert Engine.from_model(pooled, tiny, backend="cpp").user_side == "torch"
+    with pytest.raises(BackendUnavailableError, match="use_xattn"):
+        Engine.from_model(pooled, tiny, backend="cpp", user_side="cpp")
+    for bad in ("gpu", 1, None):
+        with pytest.raises(InputError, match="user_side"):
+            Engine.load(ckpt, dataset=tiny, user_side=bad)
+
+
+@needs_cpp
+def test_cpp_user_side_long_history_threads(tiny):
+    """A history long enough for the encoder to split its rows over threads (n >= 384): the
+    same result on 1 and 3 threads, bit for bit, and equal to the torch layers."""
+    from srp4ctr.engine.backends import CppUserEncoder
+
+    torch.manual_seed(5)
+    cfg = ModelConfig(**{**TINY, "max_len": 512})
+    m = perturbed(SRP4CTR(ModelSpec.from_dataset(tiny), cfg), seed=6, scale=0.2)
+    enc = CppUserEncoder(m)
+    n, d = 450, cfg.d_model
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(0))
+    q = m.qformer.queries.detach().contiguous().numpy()
+    one = enc._enc.encode(x.numpy(), q, 1)
+    three = enc._enc.encode(x.numpy(), q, 3)
+    for a, b in zip(one, three):
+        assert np.array_equal(a, b)
+    with torch.no_grad():
+        valid = torch.ones(1, n, dtype=torch.bool)
+        hidden, kv = m.encoder.encode_embedded(x[None], valid, return_kv=True)
+        qtokens = m.qformer(hidden, valid, None)
+        head_user = m.head.user_block(qtokens.flatten(1), 1)[0]
+    k = torch.stack([kk[0].reshape(n, d) for kk, _ in kv])
+    v = torch.stack([vv[0].reshape(n, d) for _, vv in kv])
+    for got, want in zip(one, (k, v, qtokens[0], head_user)):
+        assert close(torch.from_numpy(got), want, 1e-4)
