@@ -73,20 +73,34 @@ class Served:
         return self.ds.item_raw[rng.integers(1, self.ds.n_items + 1, size=C)]
 
     def engine(self, name: str):
-        """``torch``, ``torch_bf16``, ``cpp`` or ``cpp_bf16`` on CPU; an unavailable one raises
-        :class:`Unavailable` with the reason."""
+        """``torch``, ``torch_bf16``, ``cpp``, ``cpp_bf16`` or ``cpp_bf16_avx512`` (the bf16 mode
+        forced onto AVX512-BF16; only where ``auto`` picks another instruction set) on CPU; an
+        unavailable one raises :class:`Unavailable` with the reason."""
         if name not in self._engines:
             from srp4ctr.engine import Engine
 
             backend, _, low = name.partition("_")
+            low, _, isa = low.partition("_")
             if backend == "cpp" and (reason := benchlib.cpp_unavailable()) is not None:
                 self._engines[name] = Unavailable(reason)
             else:
                 kw = {"dtype": torch.bfloat16} if low == "bf16" else {}
+                old = os.environ.get("SRP4CTR_CPP_ISA")
+                if isa:
+                    os.environ["SRP4CTR_CPP_ISA"] = isa
                 try:
                     engine = Engine.from_model(self.model, self.ds, backend=backend, **kw)
                 except Exception as e:  # noqa: BLE001 - the reason is reported, not hidden
                     engine = Unavailable(f"{type(e).__name__}: {e}")
+                finally:
+                    if isa and old is None:
+                        os.environ.pop("SRP4CTR_CPP_ISA")
+                    elif isa:
+                        os.environ["SRP4CTR_CPP_ISA"] = old
+                if isa and not isinstance(engine, Unavailable):
+                    default = self.engine(f"{backend}_{low}")
+                    if default._backend.describe()["isa"] == isa:
+                        engine = Unavailable(f"the default {low} path already is {isa} here")
                 if not isinstance(engine, Unavailable) and engine.backend != backend:
                     # the engine fell back (e.g. cpp -> torch): that is not this provider
                     engine = Unavailable(f"backend={backend!r} fell back to {engine.backend!r}")
