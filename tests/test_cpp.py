@@ -197,6 +197,28 @@ def test_bf16_close_to_fp32(isa, n, C):
     assert_close(probs(got), want, BF16_ATOL, f"bf16 {isa} n={n} C={C}")
 
 
+@pytest.mark.parametrize("tile", [1, 7, 16, 50, 130])
+def test_tile_sizes(tile):
+    """Candidates per work item other than the default 48 (SRP4CTR_CPP_TILE): 1, sizes that are
+    not multiples of 16 (the AMX path pads rows to 16) and tiles larger than the default."""
+    m = make_model(64, 2, 2, (200, 80), n_items=400)
+    f32 = FoldedModel(m, torch.float32, torch.device("cpu"))
+    b16 = FoldedModel(m, torch.bfloat16, torch.device("cpu"))
+    c = make_cache(f32, 37, seed=tile)
+    c16 = UserCache(c.k.bfloat16(), c.v.bfloat16(), c.head_user.bfloat16(), fingerprint="test")
+    ids = torch.randint(0, f32.n_item_ids, (301,), generator=torch.Generator().manual_seed(tile))
+    with torch.no_grad():
+        want = probs(TorchBackend(f32).score_one(c, ids))
+    for isa in ISAS:
+        b = backend(f32, isa, threads=2)
+        b.tile = tile
+        assert_close(probs(b.score_one(c, ids)), want, ATOL, f"fp32 {isa} tile={tile}")
+    for isa in BF16_ISAS:
+        b = backend(b16, isa, threads=2)
+        b.tile = tile
+        assert_close(probs(b.score_one(c16, ids)), want, BF16_ATOL, f"bf16 {isa} tile={tile}")
+
+
 def test_threads_do_not_change_results_and_calls_are_thread_safe():
     m = make_model(64, 2, 2, (200, 80), n_items=300)
     fm = FoldedModel(m, torch.float32, torch.device("cpu"))
