@@ -337,6 +337,8 @@ class UserEncoder {
     }
     for (py::ssize_t i = 0; i < n * d; ++i)
       if (!std::isfinite(x.data()[i])) throw std::invalid_argument("x: not finite");
+    for (py::ssize_t i = 0; M && i < static_cast<py::ssize_t>(M) * d; ++i)
+      if (!std::isfinite(qa.data()[i])) throw std::invalid_argument("queries: not finite");
     F32Array k({static_cast<py::ssize_t>(nl), n, static_cast<py::ssize_t>(d)});
     F32Array v({static_cast<py::ssize_t>(nl), n, static_cast<py::ssize_t>(d)});
     F32Array qt({static_cast<py::ssize_t>(M), static_cast<py::ssize_t>(d)});

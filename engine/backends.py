@@ -279,6 +279,10 @@ class CppUserEncoder:
             from srp4ctr._ext import unavailable_reason
 
             raise BackendUnavailableError(f"user_side='cpp': {unavailable_reason()}")
+        if not hasattr(ext, "UserEncoder"):
+            raise BackendUnavailableError(
+                "user_side='cpp': srp4ctr._C predates the C++ user side; rebuild it "
+                "(pip install -e .)")
         cfg = model.config
         if not cfg.use_xattn:
             raise BackendUnavailableError(

@@ -36,45 +36,42 @@ from .cache import UserCache
 from .folded import DEFAULT_MAX_TABLE_BYTES, FoldedModel
 from .inputs import as_history_dict, as_raw_ids
 
-__all__ = ["DEFAULT_MAX_CHUNK_BYTES", "SINGLE_THREAD_USER_TOKENS", "Engine"]
+__all__ = ["DEFAULT_MAX_CHUNK_BYTES", "Engine"]
 
 #: working memory of one scoring chunk, per device type. On CPU a small budget keeps a chunk's
 #: scores and FFN activations in the caches: ≈ 800 candidates at history 200, d = 64, measured
 #: 1.2-1.5x faster than one 4096-candidate pass with 1 or 2 threads (400-2000 are all close);
 #: on a GPU larger chunks keep the launches few.
 DEFAULT_MAX_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 512 << 20}
-#: on CPU, a user-side batch of at most this many history positions (one user at max_len ≤ 256)
-#: runs its torch ops on one intra-op thread (``user_threads=None``). Each of its ~40 small ops
-#: would otherwise wake the other threads: one user, history 200, d = 64, 2 threads, measured
-#: 4.8 ms with OMP_WAIT_POLICY=PASSIVE and 1.45 ms with spinning workers, 1.65 ms on one thread.
-SINGLE_THREAD_USER_TOKENS = 256
 SERVING_KIND = "srp4ctr"
-_THREADS_LOCK = threading.Lock()
-_THREADS_STATE = {"depth": 0, "saved": 0}
+_THREADS = threading.local()
 
 
 @contextlib.contextmanager
 def _intra_op_threads(n: int | None):
-    """Run the block with ``torch.set_num_threads(n)`` (``None``: unchanged), restoring the
-    process's count afterwards. Torch's count is process-wide: overlapping blocks from several
-    Python threads share one saved value, restored when the last of them leaves, and other
-    threads' torch work meanwhile runs with ``n`` threads too."""
-    if n is None:
-        yield
-        return
-    with _THREADS_LOCK:
-        if _THREADS_STATE["depth"] == 0:
-            _THREADS_STATE["saved"] = torch.get_num_threads()
-        _THREADS_STATE["depth"] += 1
-        if n < _THREADS_STATE["saved"]:
-            torch.set_num_threads(n)
+    """Run the block with at most ``n`` torch intra-op threads on the calling thread (``None``:
+    unchanged) and restore that thread's count afterwards.
+
+    Torch keeps the count per thread once a thread has used it (OpenMP builds); a
+    ``set_num_threads`` call also sets the default that threads pick up on their first parallel
+    op. So the block lowers only the calling thread's count, each thread restores its own, and a
+    thread that starts using torch while another is inside the block may start with ``n``.
+    Nested blocks on one thread: the outermost one rules.
+    """
+    depth = getattr(_THREADS, "depth", 0)
+    saved = torch.get_num_threads()
+    change = n is not None and depth == 0 and n < saved
+    _THREADS.depth = depth + 1
+    if change:
+        torch.set_num_threads(n)
     try:
         yield
     finally:
-        with _THREADS_LOCK:
-            _THREADS_STATE["depth"] -= 1
-            if _THREADS_STATE["depth"] == 0 and torch.get_num_threads() != _THREADS_STATE["saved"]:
-                torch.set_num_threads(_THREADS_STATE["saved"])
+        _THREADS.depth = depth
+        if change:
+            torch.set_num_threads(saved)
+
+
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -203,9 +200,11 @@ class Engine:
         max_chunk_bytes, chunk_size: the memory budget for one scoring chunk (or a fixed number
             of candidates per chunk); results depend on them only through the fp32 rounding of
             matrix products of other row counts (BLAS picks kernels by size).
-        user_threads: torch intra-op threads for the user side on CPU (``None``: one thread for
-            batches of at most :data:`SINGLE_THREAD_USER_TOKENS` history positions, the
-            process's count otherwise); never more than the process's count.
+        user_threads: at most this many torch intra-op threads while the model's forward runs the
+            user side on CPU (``None``: torch's count, unchanged). With passive OpenMP waiting
+            one user's ~40 small ops each wake the other threads: history 200, d = 64, 2 threads
+            measured 4.8 ms, against 1.65 ms with ``user_threads=1``. The calling thread's count
+            is lowered for the call and restored after it (see :func:`_intra_op_threads`).
         user_side: who runs the user side: ``"torch"`` (the model's own forward), ``"cpp"`` (the
             C++ encoder, :class:`~srp4ctr.engine.backends.CppUserEncoder`; CPU, fp32, models
             with the uni cross-attention), ``"auto"``: ``cpp`` with the ``cpp`` scoring backend
@@ -429,20 +428,21 @@ class Engine:
         if key == "auto" and (not isinstance(self._backend, CppBackend)
                               or not self.config.use_xattn):
             return None
-        return CppUserEncoder(self.model)  # raises BackendUnavailableError for 'cpp' if it can't
+        try:
+            return CppUserEncoder(self.model)
+        except BackendUnavailableError:
+            if key == "cpp":
+                raise
+            return None  # auto: e.g. an extension built before it had the user side
 
     @property
     def user_side(self) -> str:
         """Who runs the user side: ``"cpp"`` or ``"torch"``."""
         return "cpp" if self._user_encoder is not None else "torch"
 
-    def _user_side_threads(self, batch: dict[str, torch.Tensor]) -> int | None:
-        """Intra-op threads for the user side of ``batch`` (None: leave torch's count)."""
-        if self.device.type != "cpu":
-            return None
-        if self.user_threads is not None:
-            return self.user_threads
-        return 1 if batch["hist_item"].numel() <= SINGLE_THREAD_USER_TOKENS else None
+    def _user_side_threads(self) -> int | None:
+        """Intra-op threads for the model's user side (None: leave torch's count)."""
+        return self.user_threads if self.device.type == "cpu" else None
 
     def _caches_cpp(self, arrays, user_ids) -> list[UserCache]:
         if self.user_threads:
@@ -454,7 +454,7 @@ class Engine:
         out = []
         for a, uid in zip(arrays, user_ids):
             batch = self._batch([a])
-            with _intra_op_threads(1):  # the embedding look-ups: a few tiny torch ops
+            with _intra_op_threads(self._user_side_threads()):  # the embedding look-ups
                 k, v, qtokens, head_user = self._user_encoder.encode_one(batch, threads)
             out.append(UserCache(
                 k.to(self.dtype).contiguous(), v.to(self.dtype).contiguous(),
@@ -469,7 +469,7 @@ class Engine:
         if self._user_encoder is not None:
             return self._caches_cpp(arrays, user_ids)
         batch = self._batch(arrays)
-        with torch.no_grad(), _intra_op_threads(self._user_side_threads(batch)):
+        with torch.no_grad(), _intra_op_threads(self._user_side_threads()):
             state = self.model.encode_users(batch)
         fm, out = self.folded, []
         for i, a in enumerate(arrays):

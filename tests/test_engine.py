@@ -634,44 +634,83 @@ def _spy_threads(engine) -> list[int]:
 
 
 def test_user_side_thread_count_and_restore(ckpt, tiny):
-    from srp4ctr.engine.engine import SINGLE_THREAD_USER_TOKENS
-
-    auto = Engine.load(ckpt, dataset=tiny, user_side="torch")
-    two = Engine.load(ckpt, dataset=tiny, user_threads=2, user_side="torch")
-    assert auto.describe()["user_threads"] is None and two.describe()["user_threads"] == 2
-    seen_auto, seen_two = _spy_threads(auto), _spy_threads(two)
+    default = Engine.load(ckpt, dataset=tiny, user_side="torch")
+    one = Engine.load(ckpt, dataset=tiny, user_threads=1, user_side="torch")
+    assert default.describe()["user_threads"] is None and one.describe()["user_threads"] == 1
+    seen_default, seen_one = _spy_threads(default), _spy_threads(one)
     h = raw_history(tiny, 1)
     torch.set_num_threads(3)
     try:
-        a = auto.encode_user(h)  # one user: a few positions -> one thread
-        assert seen_auto[-1] == 1 and torch.get_num_threads() == 3
-        b = two.encode_user(h)
-        assert seen_two[-1] == 2 and torch.get_num_threads() == 3
+        a = default.encode_user(h)  # torch's count, unchanged
+        assert seen_default[-1] == 3 and torch.get_num_threads() == 3
+        b = one.encode_user(h)
+        assert seen_one[-1] == 1 and torch.get_num_threads() == 3
         assert close(a.k, b.k, ROUNDING) and close(a.head_user, b.head_user, ROUNDING)
-        width = a.length  # positions of this user after the cut to max_len
-        many = auto.encode_users([h] * (SINGLE_THREAD_USER_TOKENS // width + 1))
-        assert seen_auto[-1] == 3  # above the threshold: the process's count
-        assert close(many[0].k, a.k, ROUNDING)
-        torch.set_num_threads(1)
-        two.encode_user(h)
-        assert seen_two[-1] == 1  # never more than the process's count
-        torch.set_num_threads(3)
+        four = Engine.load(ckpt, dataset=tiny, user_threads=4, user_side="torch")
+        seen_four = _spy_threads(four)
+        four.encode_user(h)
+        assert seen_four[-1] == 3  # never more than the thread's own count
 
         def boom(batch):
-            seen_auto.append(torch.get_num_threads())
+            seen_one.append(torch.get_num_threads())
             raise RuntimeError("boom")
 
-        auto.model.encode_users = boom
+        one.model.encode_users = boom
         with pytest.raises(RuntimeError, match="boom"):
-            auto.encode_user(h)
-        assert seen_auto[-1] == 1 and torch.get_num_threads() == 3  # restored after an error
+            one.encode_user(h)
+        assert seen_one[-1] == 1 and torch.get_num_threads() == 3  # restored after an error
     finally:
         torch.set_num_threads(1)
 
 
+@pytest.mark.parametrize("side", ["torch", "cpp"])
+def test_overlapping_calls_restore_each_threads_count(ckpt, tiny, side):
+    """Two threads inside the user side at once (forced): each gets its own count back."""
+    if side == "cpp" and _ext.extension() is None:
+        pytest.skip("C++ extension not built")
+    eng = Engine.load(ckpt, dataset=tiny, user_threads=1, user_side=side)
+    inside, both_in, release = threading.Barrier(2), threading.Event(), threading.Event()
+    target = eng._user_encoder if side == "cpp" else eng.model
+    name = "encode_one" if side == "cpp" else "encode_users"
+    real = getattr(target, name)
+
+    def held(*args):
+        inside.wait(timeout=30)  # both threads are inside the block before either leaves
+        both_in.set()
+        release.wait(timeout=30)
+        return real(*args)
+
+    setattr(target, name, held)
+    seen: dict = {}
+    errors: list = []
+
+    def work(tag: str, before: int) -> None:
+        try:
+            torch.set_num_threads(before)
+            seen[tag, "before"] = torch.get_num_threads()
+            eng.encode_user(raw_history(tiny, 2))
+            seen[tag, "after"] = torch.get_num_threads()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(tag, n)) for tag, n in (("a", 3), ("b", 2))]
+    try:
+        for th in threads:
+            th.start()
+        assert both_in.wait(timeout=30)
+    finally:
+        release.set()
+        for th in threads:
+            th.join()
+        torch.set_num_threads(1)
+    assert not errors, errors
+    for tag in ("a", "b"):
+        assert seen[tag, "after"] == seen[tag, "before"], seen
+
+
 @pytest.mark.parametrize("side", ["torch", "auto"])
 def test_concurrent_encoding_restores_the_thread_count(ckpt, tiny, side):
-    eng = Engine.load(ckpt, dataset=tiny, user_side=side)
+    eng = Engine.load(ckpt, dataset=tiny, user_side=side, user_threads=1)
     hs = [raw_history(tiny, u) for u in range(1, 9)]
     serial = [eng.encode_user(h) for h in hs]
     torch.set_num_threads(3)
@@ -680,8 +719,12 @@ def test_concurrent_encoding_restores_the_thread_count(ckpt, tiny, side):
 
     def work(t: int) -> None:
         try:
+            torch.set_num_threads(2 + t % 2)
+            before = torch.get_num_threads()
             for j in range(t, len(results), 6):
                 results[j] = eng.encode_user(hs[j % len(hs)])
+            if torch.get_num_threads() != before:
+                errors.append(f"thread {t}: {before} -> {torch.get_num_threads()} threads")
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -807,3 +850,22 @@ def test_cpp_user_side_long_history_threads(tiny):
     v = torch.stack([vv[0].reshape(n, d) for _, vv in kv])
     for got, want in zip(one, (k, v, qtokens[0], head_user)):
         assert close(torch.from_numpy(got), want, 1e-4)
+
+
+@needs_cpp
+def test_extension_without_the_user_side_falls_back(ckpt, tiny, monkeypatch):
+    """An extension built before the C++ user side: auto serves the user side with torch,
+    an explicit user_side='cpp' says to rebuild."""
+    real = _ext.extension()
+
+    class Old:
+        def __getattr__(self, name):
+            if name == "UserEncoder":
+                raise AttributeError(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(_ext, "extension", lambda: Old())
+    eng = Engine.load(ckpt, dataset=tiny)
+    assert eng.backend == "cpp" and eng.user_side == "torch"
+    with pytest.raises(BackendUnavailableError, match="rebuild"):
+        Engine.load(ckpt, dataset=tiny, user_side="cpp")
