@@ -9,6 +9,9 @@ Markers (declared in pyproject.toml):
   triton has not been imported yet.
 - ``gpu``: needs a CUDA device; skipped without one. Checked when the test runs, never at
   collection, so collecting never touches a GPU.
+- ``cpp``: needs the C++ extension (``srp4ctr._C``); skipped without it, except under
+  ``SRP4CTR_REQUIRE_CPP=1`` (the project's test run sets it), where a missing extension fails
+  the test.
 """
 
 from __future__ import annotations
@@ -56,6 +59,14 @@ def pytest_collection_modifyitems(config, items):
 def pytest_runtest_setup(item):
     if item.get_closest_marker("gpu") and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
+    if item.get_closest_marker("cpp"):
+        from srp4ctr import _ext
+
+        if _ext.extension() is None:
+            reason = f"needs the C++ extension: {_ext.unavailable_reason()}"
+            if os.environ.get("SRP4CTR_REQUIRE_CPP", "0") not in ("", "0"):
+                pytest.fail(f"SRP4CTR_REQUIRE_CPP=1 but {reason}")
+            pytest.skip(reason)
 
 
 @pytest.fixture

@@ -663,11 +663,9 @@ def test_user_side_thread_count_and_restore(ckpt, tiny):
         torch.set_num_threads(1)
 
 
-@pytest.mark.parametrize("side", ["torch", "cpp"])
+@pytest.mark.parametrize("side", ["torch", pytest.param("cpp", marks=pytest.mark.cpp)])
 def test_overlapping_calls_restore_each_threads_count(ckpt, tiny, side):
     """Two threads inside the user side at once (forced): each gets its own count back."""
-    if side == "cpp" and _ext.extension() is None:
-        pytest.skip("C++ extension not built")
     eng = Engine.load(ckpt, dataset=tiny, user_threads=1, user_side=side)
     inside, both_in, release = threading.Barrier(2), threading.Event(), threading.Event()
     target = eng._user_encoder if side == "cpp" else eng.model
@@ -749,7 +747,6 @@ def test_bad_user_threads(ckpt, tiny, bad):
 
 
 # ----------------------------------------------------------------------------- C++ user side
-needs_cpp = pytest.mark.skipif(_ext.extension() is None, reason="C++ extension not built")
 CPP_ISAS = ["generic"] + (["avx512"] if _ext.extension() is not None
                           and _ext.extension().cpu_features()["avx512"] else [])
 
@@ -775,7 +772,7 @@ def _assert_same_cache(a: UserCache, b: UserCache, atol: float = ATOL):
             assert close(x, y, atol), f"{name}: max diff {(x - y).abs().max().item():.3g}"
 
 
-@needs_cpp
+@pytest.mark.cpp
 @pytest.mark.parametrize("isa", CPP_ISAS)
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
@@ -808,7 +805,7 @@ def test_cpp_user_side_equals_torch(tiny, isa, d_heads, layers, queries, blocks,
         _assert_same_cache(c, ref.encode_user(h))
 
 
-@needs_cpp
+@pytest.mark.cpp
 def test_cpp_user_side_choice(tiny, ckpt):
     auto = Engine.load(ckpt, dataset=tiny)
     assert auto.user_side == "cpp" and auto.describe()["user_side"] == "cpp"
@@ -824,7 +821,7 @@ def test_cpp_user_side_choice(tiny, ckpt):
             Engine.load(ckpt, dataset=tiny, user_side=bad)
 
 
-@needs_cpp
+@pytest.mark.cpp
 def test_cpp_user_side_long_history_threads(tiny):
     """A history long enough for the encoder to split its rows over threads (n >= 384): the
     same result on 1 and 3 threads, bit for bit, and equal to the torch layers."""
@@ -852,7 +849,7 @@ def test_cpp_user_side_long_history_threads(tiny):
         assert close(torch.from_numpy(got), want, 1e-4)
 
 
-@needs_cpp
+@pytest.mark.cpp
 def test_extension_without_the_user_side_falls_back(ckpt, tiny, monkeypatch):
     """An extension built before the C++ user side: auto serves the user side with torch,
     an explicit user_side='cpp' says to rebuild."""

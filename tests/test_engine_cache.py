@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import save_file
 from train_fixtures import TINY, prepare_tiny, raw_history
 
-from srp4ctr import _ext
 from srp4ctr.engine import CACHE_FORMAT, Engine, UserCache, UserCacheStore
 from srp4ctr.errors import CacheError, InputError
 from srp4ctr.models import SRP4CTR, ModelConfig, ModelSpec
@@ -55,12 +54,10 @@ def test_layout(engine, cache):
     assert cache.to("cpu") is cache
 
 
-@pytest.mark.parametrize("side", ["torch", "cpp"])
+@pytest.mark.parametrize("side", ["torch", pytest.param("cpp", marks=pytest.mark.cpp)])
 def test_cache_k_v_are_the_models(engine, tiny, side):
     """The cached K/V are the encoder's own, valid positions only: bit for bit when the model
     itself runs the user side, to fp32 rounding when the C++ encoder does."""
-    if side == "cpp" and _ext.extension() is None:
-        pytest.skip("C++ extension not built")
     eng = Engine.from_model(engine.model, tiny, user_side=side, fingerprint=engine.fingerprint)
     cache = eng.encode_user(raw_history(tiny, 2, lists=False))
     arr = tiny.encode_user_history(raw_history(tiny, 2, lists=False), max_len=engine.max_len)
