@@ -164,6 +164,20 @@ class TritonBackend(ScoringBackend):
         return fm.head(zn, hz0, _user_block(caches, counts, item_ids.device))
 
 
+def _np_f32(t: torch.Tensor) -> np.ndarray:
+    """A CPU float32 contiguous numpy view (or copy) of a weight, for the C++ packers."""
+    return t.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+def cpp_threads(explicit: int | None = None) -> int:
+    """Threads for a C++ call: ``explicit`` if set, else ``SRP4CTR_CPP_THREADS``, else
+    ``torch.get_num_threads()`` now."""
+    if explicit:
+        return int(explicit)
+    env = os.environ.get("SRP4CTR_CPP_THREADS")
+    return int(env) if env else torch.get_num_threads()
+
+
 class CppBackend(ScoringBackend):
     """The C++ CPU kernels (``srp4ctr._C``, built from ``csrc/``): the whole candidate side of a
     request (tower and head) in one call, candidates in tiles over a thread pool, AVX-512 when
@@ -192,10 +206,7 @@ class CppBackend(ScoringBackend):
             raise BackendUnavailableError(
                 f"backend='cpp' scores in float32 or bfloat16, not {folded.dtype}")
         fm = folded
-
-        def f32(t):
-            return t.detach().to("cpu", torch.float32).contiguous().numpy()
-
+        f32 = _np_f32
         layers = [{name: f32(getattr(p, name)) for name in p._fields} for p in fm.layers]
         rest = [(f32(w), f32(b)) for w, b in fm.rest]
         precision = "bf16" if fm.dtype == torch.bfloat16 else "fp32"
@@ -220,10 +231,7 @@ class CppBackend(ScoringBackend):
         return None
 
     def _threads(self) -> int:
-        if self.threads:
-            return int(self.threads)
-        env = os.environ.get("SRP4CTR_CPP_THREADS")
-        return int(env) if env else torch.get_num_threads()
+        return cpp_threads(self.threads)
 
     def _run(self, item_ids: torch.Tensor, users: list[tuple[UserCache, int]]) -> torch.Tensor:
         fm = self.folded
@@ -267,7 +275,7 @@ class CppUserEncoder:
     LayerNorm, the Q-Former and the head's user block — one call instead of ~40 small torch ops.
     The embeddings (table look-ups) and the Q-Former's per-user query offset stay in torch.
 
-    Equal to the model's ``encode_users`` to fp32 rounding (``tests/test_cpp.py``). Needs the
+    Equal to the model's ``encode_users`` to fp32 rounding (``tests/test_engine.py``). Needs the
     uni cross-attention (``use_xattn``): the pooled-history ablation is served by torch.
     """
 
@@ -289,10 +297,7 @@ class CppUserEncoder:
                 "user_side='cpp' serves models with the uni cross-attention; this one pools the "
                 "history (use_xattn=False)")
         self.model = model
-
-        def f32(t):
-            return t.detach().to("cpu", torch.float32).contiguous().numpy()
-
+        f32 = _np_f32
         def attn(a, prefix=""):
             out = {}
             for n in ("q", "k", "v", "o"):

@@ -31,7 +31,7 @@ import torch
 from srp4ctr.errors import CacheError, CheckpointError, InputError, UnknownItemError
 from srp4ctr.kernels import BackendUnavailableError
 
-from .backends import CppBackend, CppUserEncoder, ScoringBackend, resolve_backend
+from .backends import CppBackend, CppUserEncoder, ScoringBackend, cpp_threads, resolve_backend
 from .cache import UserCache
 from .folded import DEFAULT_MAX_TABLE_BYTES, FoldedModel
 from .inputs import as_history_dict, as_raw_ids
@@ -444,30 +444,26 @@ class Engine:
         """Intra-op threads for the model's user side (None: leave torch's count)."""
         return self.user_threads if self.device.type == "cpu" else None
 
-    def _caches_cpp(self, arrays, user_ids) -> list[UserCache]:
-        if self.user_threads:
-            threads = self.user_threads
-        elif isinstance(self._backend, CppBackend):
-            threads = self._backend._threads()
-        else:
-            threads = int(os.environ.get("SRP4CTR_CPP_THREADS") or torch.get_num_threads())
-        out = []
-        for a, uid in zip(arrays, user_ids):
-            batch = self._batch([a])
-            with _intra_op_threads(self._user_side_threads()):  # the embedding look-ups
-                k, v, qtokens, head_user = self._user_encoder.encode_one(batch, threads)
-            out.append(UserCache(
-                k.to(self.dtype).contiguous(), v.to(self.dtype).contiguous(),
-                head_user.to(self.dtype), None if qtokens is None else qtokens.to(self.dtype),
-                None, fingerprint=self.fingerprint, user_id=uid,
-            ))
-        for c in out:
-            c.check_finite()
-        return out
+    def _cache(self, k, v, head_user, qtokens, pooled, user_id) -> UserCache:
+        """A checked cache in the engine's dtype from one user's user-side tensors."""
+        def own(t):
+            return None if t is None else t.detach().to(self.dtype).contiguous()
+
+        c = UserCache(own(k), own(v), own(head_user), own(qtokens), own(pooled),
+                      fingerprint=self.fingerprint, user_id=user_id)
+        c.check_finite()
+        return c
 
     def _caches(self, arrays, user_ids) -> list[UserCache]:
-        if self._user_encoder is not None:
-            return self._caches_cpp(arrays, user_ids)
+        if self._user_encoder is not None:  # one C++ call per user, no padding
+            threads = cpp_threads(self.user_threads or getattr(self._backend, "threads", None))
+            out = []
+            for a, uid in zip(arrays, user_ids):
+                with _intra_op_threads(self._user_side_threads()):  # the embedding look-ups
+                    k, v, qtokens, head_user = self._user_encoder.encode_one(
+                        self._batch([a]), threads)
+                out.append(self._cache(k, v, head_user, qtokens, None, uid))
+            return out
         batch = self._batch(arrays)
         with torch.no_grad(), _intra_op_threads(self._user_side_threads()):
             state = self.model.encode_users(batch)
@@ -479,15 +475,8 @@ class Engine:
                 v = torch.stack([t[i, :n] for t in state.v])
             else:
                 k = v = torch.zeros(0, n, fm.n_heads, fm.head_dim, device=self.device)
-
-            out.append(UserCache(
-                k.to(self.dtype).contiguous(), v.to(self.dtype).contiguous(),
-                _row(state.head_user, i, self.dtype), _row(state.qtokens, i, self.dtype),
-                _row(state.pooled, i, self.dtype),
-                fingerprint=self.fingerprint, user_id=user_ids[i],
-            ))
-        for c in out:
-            c.check_finite()
+            out.append(self._cache(k, v, state.head_user[i], _row(state.qtokens, i),
+                                   _row(state.pooled, i), user_ids[i]))
         return out
 
     def encode_user(self, history: Any, *, user_id: Any = None) -> UserCache:
@@ -656,9 +645,9 @@ class _Normalised(dict):
     """A history already through :func:`as_history_dict`."""
 
 
-def _row(t: torch.Tensor | None, i: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """Row i of a per-user state tensor, as its own contiguous tensor in ``dtype``."""
-    return None if t is None else t[i].detach().to(dtype).contiguous()
+def _row(t: torch.Tensor | None, i: int) -> torch.Tensor | None:
+    """Row i of an optional per-user state tensor."""
+    return None if t is None else t[i]
 
 
 def _jsonable(user_id: Any) -> Any:
