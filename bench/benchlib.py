@@ -11,7 +11,7 @@ Environment:
   ``OMP_WAIT_POLICY=PASSIVE`` for torch: on a shared machine spinning workers wait for a busy core).
 
 Every case stores in ``benchmark.extra_info`` the keys the report (``srp4ctr bench``,
-:mod:`srp4ctr.bench_report`) reads: ``table`` (a table of the suite), ``case`` (its row),
+``bench/report.py``) reads: ``table`` (a table of the suite), ``case`` (its row),
 ``provider``, ``baseline`` (the eager-torch provider of that table, if any), ``x`` (the number
 of candidates, for the latency plot), ``flops`` (analytic FLOPs of one timed call), ``dtype`` and
 ``device`` (which measured GEMM rate is its roofline), ``items``/``unit`` (throughput), shapes,

@@ -185,6 +185,64 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# srp4ctr bench: the suites and the report module (bench/report.py, bench/goals.toml) live in the
+# bench/ folder of a source checkout, which is not installed with the package.
+_BENCH_FILES = ("report.py", "conftest.py", "bench_engine_cpu.py")
+_BENCH_MODULE = "srp4ctr_bench_report"
+
+
+def _source_root() -> Path:
+    """The folder above the package's source: the checkout's root in an editable install."""
+    return Path(__file__).resolve().parents[1]
+
+
+def find_bench_dir(given: str | None = None) -> Path:
+    """The ``bench/`` folder of a source checkout: ``given``, else ``bench/`` in the current
+    folder or one above it, else the one beside the package's source (an editable install)."""
+    from srp4ctr.errors import BenchError
+
+    def ok(path: Path) -> bool:
+        return all((path / name).is_file() for name in _BENCH_FILES)
+
+    if given:
+        if ok(Path(given)):
+            return Path(given).resolve()
+        raise BenchError(f"--bench-dir {given} is not the bench/ folder of a source checkout "
+                         f"(it has no {', '.join(_BENCH_FILES)})")
+    cwd = Path.cwd().resolve()
+    for root in (cwd, *cwd.parents, _source_root()):
+        if ok(root / "bench"):
+            return (root / "bench").resolve()
+    raise BenchError("srp4ctr bench runs the benchmark suites of a source checkout, and there is "
+                     "none here (bench/ is not installed with the package): clone the project's "
+                     "repository, run `pip install -e \".[bench,onnx]\"` in it and `srp4ctr bench` "
+                     "from its root, or pass --bench-dir")
+
+
+def load_bench_report(bench_dir: Path):
+    """``bench_dir/report.py`` as a module (loaded once per file)."""
+    import importlib.util
+
+    path = Path(bench_dir) / "report.py"
+    loaded = sys.modules.get(_BENCH_MODULE)
+    if loaded is not None and Path(loaded.__file__) == path:
+        return loaded
+    spec = importlib.util.spec_from_file_location(_BENCH_MODULE, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[_BENCH_MODULE] = module  # dataclasses look their module up while it loads
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[_BENCH_MODULE]
+        raise
+    return module
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    bench_dir = find_bench_dir(args.bench_dir)
+    return load_bench_report(bench_dir).cli_bench(args, bench_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="srp4ctr",
@@ -314,13 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--data-dir", default=None, help="dataset cache folder")
     p_demo.set_defaults(func=_cmd_demo)
 
-    # srp4ctr bench: the benchmark suites of bench/ and bench/report.md (srp4ctr/bench_report.py,
-    # imported only when the command runs: pytest, torch and matplotlib load in its own process)
-    def _cmd_bench(args: argparse.Namespace) -> int:
-        from srp4ctr.bench_report import cli_bench
-
-        return cli_bench(args)
-
+    # srp4ctr bench: the benchmark suites of bench/ and bench/report.md (bench/report.py of the
+    # checkout, loaded only when the command runs: pytest, torch and matplotlib load in its own
+    # process)
     p_bench = sub.add_parser(
         "bench",
         help="run the CPU benchmark suites and write bench/report.md with tables and plots",
@@ -345,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--report-only", action="store_true",
                          help="rebuild the report from the JSON already in the results folder")
     p_bench.add_argument("--bench-dir", default=None,
-                         help="the bench/ folder with the suites (default: ./bench)")
+                         help="the bench/ folder with the suites (default: bench/ of the "
+                         "current folder or one above it, else of the checkout of an editable "
+                         "install)")
     p_bench.add_argument("--timeout-s", type=float, default=None,
                          help="stop the suites after this many seconds (default: no limit)")
     p_bench.set_defaults(func=_cmd_bench)

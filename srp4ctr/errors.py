@@ -12,6 +12,11 @@ class SRP4CTRError(Exception):
     """Base class of every error raised on purpose by srp4ctr."""
 
 
+class BenchError(SRP4CTRError):
+    """``srp4ctr bench`` could not run: no source checkout with the bench/ folder, a missing
+    requirement, or a benchmark run that produced no results."""
+
+
 class InputError(SRP4CTRError, ValueError):
     """The caller's input is invalid (ids, shapes, dtypes, values, arguments)."""
 

@@ -1,5 +1,6 @@
-"""srp4ctr.bench_report on small synthetic pytest-benchmark JSON: per-suite files, speed-ups and
-roofline fractions, goal verdicts, plots, and the ``srp4ctr bench --report-only`` command."""
+"""bench/report.py (behind ``srp4ctr bench``) on small synthetic pytest-benchmark JSON: per-suite
+files, speed-ups and roofline fractions, goal verdicts, plots, the ``srp4ctr bench --report-only``
+command, and the command's error outside a source checkout."""
 
 from __future__ import annotations
 
@@ -8,12 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from srp4ctr import bench_report as br
-from srp4ctr.cli import main
+from srp4ctr import cli
+from srp4ctr.cli import find_bench_dir, load_bench_report, main
+
+BENCH_DIR = find_bench_dir(str(Path(__file__).resolve().parents[1] / "bench"))
+br = load_bench_report(BENCH_DIR)
 
 CACHED = "candidate side (user cached)"
 REQUEST = "whole request (raw history -> probabilities)"
 USER_FLOPS, CAND_FLOPS = 6.0e7, 4.0e5
+# the GPU script's case names, as the goals read them
+GPU_ATTENTION = br.goal("attention-vs-sdpa").params["case"]
+GPU_16USERS = br.goal("attention-gemm-fraction").params["case"]
+GPU_POOL = br.goal("pooling-copy-fraction").params["case"]
 
 
 def bench(fullname: str, median_s: float, **extra) -> dict:
@@ -198,12 +206,12 @@ def test_skip_reasons_reach_the_goals(tmp_path):
 
 def gpu_doc(smoke: bool = False) -> dict:
     rows = [
-        {"case": br.GPU_ATTENTION, "provider": "ours (triton)", "median_us": 20.0,
+        {"case": GPU_ATTENTION, "provider": "ours (triton)", "median_us": 20.0,
          "frac_gemm": 0.5, "frac_copy": 0.1},
-        {"case": br.GPU_ATTENTION, "provider": "SDPA per user", "median_us": 40.0},
-        {"case": br.GPU_16USERS, "provider": "ours (triton)", "median_us": 300.0,
+        {"case": GPU_ATTENTION, "provider": "SDPA per user", "median_us": 40.0},
+        {"case": GPU_16USERS, "provider": "ours (triton)", "median_us": 300.0,
          "frac_gemm": 0.54, "frac_copy": 0.2},
-        {"case": br.GPU_POOL, "provider": "ours (triton)", "median_us": 600.0,
+        {"case": GPU_POOL, "provider": "ours (triton)", "median_us": 600.0,
          "frac_gemm": 0.05, "frac_copy": 0.8},
         {"case": "tower 2 layers, C=4096, L=200, d=64, H=2", "provider": "ours + CUDA graph",
          "median_us": 50.0},
@@ -311,28 +319,46 @@ def test_suite_names():
     with pytest.raises(br.BenchError, match="unknown suite"):
         br.parse_suites("engine,gpu")
     with pytest.raises(br.BenchError, match="bench/ folder"):
-        br.find_bench_dir(str(Path("/nonexistent-bench-dir")))
+        find_bench_dir(str(Path("/nonexistent-bench-dir")))
 
 
 def test_every_suite_file_exists():
-    bench_dir = br.find_bench_dir(str(Path(__file__).resolve().parents[1] / "bench"))
     for suite in br.RUNNABLE:
-        assert (bench_dir / f"bench_{suite}.py").is_file()
+        assert (BENCH_DIR / f"bench_{suite}.py").is_file()
+
+
+def test_goals_file():
+    goals = br.load_goals()
+    assert len(goals) == 16 and len({g.id for g in goals}) == 16
+    assert all(g.metric in br.METRICS for g in goals)
+
+
+def test_bench_outside_a_source_checkout(tmp_path, monkeypatch, capsys):
+    """From a folder with no bench/ above it, and a package not installed from a checkout: one
+    line on stderr that says what the command needs, exit code 2, no traceback."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "_source_root", lambda: tmp_path)
+    assert main(["bench", "--smoke"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("srp4ctr: error: srp4ctr bench runs the benchmark suites of a source "
+                          "checkout")
+    assert "clone" in err and "--bench-dir" in err
 
 
 def test_experiment_time_goal(tmp_path):
     """The experiment's wall time comes from the committed results.json of the clone."""
-    assert br.goal_experiment_time(br.Context({})).status.startswith("not measured")
+    goal = br.goal("experiment-time")
+    assert goal.evaluate(br.Context({})).status.startswith("not measured")
     base = {"seeds": [0, 1, 2, 3, 4], "runs": {"din": {}, "bst": {}},
             "machine": {"cpu_count": 2}, "parallel": {"jobs": 2}}
-    ok = br.goal_experiment_time(br.Context({}, None, (tmp_path, {**base,
-                                                                    "wall_seconds_this_call": 3156})))
+    ok = goal.evaluate(br.Context({}, None, (tmp_path, {**base, "wall_seconds_this_call": 3156})))
     assert ok.status == "met" and "52.6 min" in ok.figure
-    slow = br.goal_experiment_time(br.Context({}, None, (tmp_path, {**base,
-                                                                      "wall_seconds_this_call": 3700})))
+    slow = goal.evaluate(br.Context({}, None, (tmp_path,
+                                               {**base, "wall_seconds_this_call": 3700})))
     assert slow.status == "not met"
-    few = br.goal_experiment_time(br.Context({}, None, (tmp_path, {**base, "seeds": [0],
-                                                                     "wall_seconds_this_call": 60})))
+    few = goal.evaluate(br.Context({}, None, (tmp_path, {**base, "seeds": [0],
+                                                         "wall_seconds_this_call": 60})))
     assert few.status == "not met"
     # found from the results folder's clone
     exp = tmp_path / "clone" / br.EXPERIMENT_JSON

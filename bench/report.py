@@ -1,7 +1,9 @@
-"""``srp4ctr bench``: run the benchmark suites and write the report.
+"""The benchmark runner and report behind ``srp4ctr bench``.
 
-The suites are pytest-benchmark files in the repository's ``bench/`` folder (``bench_*.py``, see
-``bench/README.md``). One command runs the CPU suites — always with ``bench_ceilings.py``, which
+This module, the suites and ``goals.toml`` live in the repository's ``bench/`` folder (they are not
+installed with the package: ``srp4ctr bench`` finds this folder in a source checkout and loads this
+file from it). The suites are pytest-benchmark files (``bench_*.py``, see ``bench/README.md``).
+One command runs the CPU suites — always with ``bench_ceilings.py``, which
 measures the machine's GEMM rates and copy bandwidth in the same run — in one pytest process with
 ``--benchmark-json``, splits that JSON into one file per suite under ``RESULTS`` (so a run of a
 few suites keeps the others' latest results), then writes ``OUT/report.md`` and its plots:
@@ -10,7 +12,8 @@ few suites keeps the others' latest results), then writes ``OUT/report.md`` and 
   eager-torch baseline (baseline median / median: above 1 is faster), the achieved FLOP rate and
   its fraction of the GEMM rate measured in the same run (the roofline), throughput where the
   case is a training step, and the interleaved medians where a suite measures them;
-- the performance goals of the project's issues, each with its measured figure and "met",
+- the performance goals of the project's issues (``goals.toml``: each goal's text, the metric it
+  reads and its threshold), each with its measured figure and "met",
   "not met", "reported" (a goal that asks for a figure, not a threshold) or "not measured"
   with the reason (no GPU, a backend that is not built, a suite that was not run);
 - ``plots/latency_vs_candidates.png`` (median latency against the number of candidates, one line
@@ -21,14 +24,16 @@ few suites keeps the others' latest results), then writes ``OUT/report.md`` and 
 - the machine (CPU model, cores, threads, torch / ONNX Runtime versions), the dates and the exact
   commands.
 
-This module imports only the standard library at import time (the command line stays fast);
-matplotlib is imported when the plots are drawn, pytest runs in a child process.
+This module imports only the standard library (and ``srp4ctr.errors``) at import time (the
+command line stays fast); matplotlib is imported when the plots are drawn, pytest runs in a child
+process.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -40,7 +45,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from srp4ctr.errors import SRP4CTRError
+from srp4ctr.errors import BenchError
 
 # suite name (bench/bench_<name>.py) -> title in the report; in report order
 SUITES = {
@@ -53,10 +58,6 @@ SUITES = {
 CEILINGS = "ceilings"
 RUNNABLE = (CEILINGS, *SUITES)
 STATUSES = ("met", "not met", "reported", "not measured")
-
-
-class BenchError(SRP4CTRError):
-    """The benchmark run could not produce results."""
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -420,9 +421,18 @@ class Verdict:
 
 @dataclass
 class Goal:
+    """A performance goal of an issue, as ``goals.toml`` states it: ``metric`` (a key of
+    :data:`METRICS`: what is measured and how it is compared) and that metric's parameters
+    (suite, providers, case, threshold)."""
+
+    id: str
     issue: int
     text: str
-    evaluate: Callable[[Context], Verdict]
+    metric: str
+    params: dict = field(default_factory=dict)
+
+    def evaluate(self, ctx: Context) -> Verdict:
+        return METRICS[self.metric](ctx, **self.params)
 
 
 @dataclass
@@ -493,46 +503,56 @@ class Context:
         return " (smoke run: not a measurement)" if any(m and m.smoke for m in measures) else ""
 
 
-def _speedup_goal(suite: str, fast: str | tuple[str, ...], slow: tuple[str, ...], case: str,
-                  need: float, table: str | None = None, extra: Callable | None = None):
-    """A goal "``fast`` is at least ``need`` times faster than the best of ``slow``"."""
-    fasts = (fast,) if isinstance(fast, str) else fast
-
-    def evaluate(ctx: Context) -> Verdict:
-        got = [(p, ctx.measure(suite, p, case, table)) for p in fasts]
-        got = [(p, m) for p, m in got if m]
-        if not got:
-            return Verdict("—", "not measured: " + ctx.why_missing(suite, fasts[0], case))
-        fp, fm = min(got, key=lambda pm: pm[1].seconds)
-        slows = [(p, ctx.measure(suite, p, case, table)) for p in slow]
-        missing = [p for p, m in slows if m is None]
-        if missing:
-            return Verdict(f"`{fp}` {fmt_ms(fm.seconds)} ms",
-                           "not measured: " + ctx.why_missing(suite, missing[0], case))
-        sp, sm = min(slows, key=lambda pm: pm[1].seconds)
-        ratio = sm.seconds / fm.seconds
-        fig = (f"`{fp}` {fmt_ms(fm.seconds)} ms vs `{sp}` {fmt_ms(sm.seconds)} ms: "
-               f"{ratio:.2f}× ({fm.source}, {suite}, {case})")
-        if extra is not None:
-            fig += extra(ctx, fm)
-        status = "met" if ratio >= need else "not met"
-        return Verdict(fig, status + ctx.smoke_note(fm, sm))
-
-    return evaluate
+# The metrics a goal can read. Each takes the context and the goal's parameters from goals.toml
+# (keyword-only: a goal with a missing or unknown parameter is refused when the file is read).
 
 
-def _accuracy_of(provider: str, suite: str, case: str):
-    def extra(ctx: Context, m: Measure) -> str:
-        row = ctx.row(suite, provider, case)
+def metric_speedup(ctx: Context, *, suite: str, fast: str | list[str], slow: list[str],
+                   case: str, min_ratio: float, table: str | None = None,
+                   accuracy_of: str | None = None, gpu_tower_fallback: bool = False) -> Verdict:
+    """The fastest of ``fast`` is at least ``min_ratio`` times faster than the fastest of
+    ``slow`` at ``case``. ``accuracy_of``: a provider whose recorded max abs diff the figure
+    states; ``gpu_tower_fallback``: where that is not measured, the candidate-tower ratio of the
+    GPU script is shown instead (still as "not measured")."""
+    v = _speedup(ctx, suite, (fast,) if isinstance(fast, str) else fast, slow, case, min_ratio,
+                 table, accuracy_of)
+    if gpu_tower_fallback and v.status.startswith("not measured") and ctx.gpu:
+        rows = {r.get("provider"): r for r in ctx.gpu.get("rows", [])
+                if str(r.get("case", "")).startswith("tower")}
+        ours = rows.get("ours + CUDA graph") or rows.get("ours (triton, fused)")
+        eager = rows.get("eager torch")
+        if ours and eager and ours.get("median_us") and eager.get("median_us"):
+            ratio = eager["median_us"] / ours["median_us"]
+            return Verdict(f"candidate tower only (bench/gpu_bench.py): {ratio:.2f}× vs "
+                           "eager torch", "not measured: the whole request was not timed "
+                           "on a GPU")
+    return v
+
+
+def _speedup(ctx: Context, suite: str, fasts: list[str], slow: list[str], case: str,
+             min_ratio: float, table: str | None, accuracy_of: str | None) -> Verdict:
+    got = [(p, ctx.measure(suite, p, case, table)) for p in fasts]
+    got = [(p, m) for p, m in got if m]
+    if not got:
+        return Verdict("—", "not measured: " + ctx.why_missing(suite, fasts[0], case))
+    fp, fm = min(got, key=lambda pm: pm[1].seconds)
+    slows = [(p, ctx.measure(suite, p, case, table)) for p in slow]
+    missing = [p for p, m in slows if m is None]
+    if missing:
+        return Verdict(f"`{fp}` {fmt_ms(fm.seconds)} ms",
+                       "not measured: " + ctx.why_missing(suite, missing[0], case))
+    sp, sm = min(slows, key=lambda pm: pm[1].seconds)
+    ratio = sm.seconds / fm.seconds
+    fig = (f"`{fp}` {fmt_ms(fm.seconds)} ms vs `{sp}` {fmt_ms(sm.seconds)} ms: "
+           f"{ratio:.2f}× ({fm.source}, {suite}, {case})")
+    if accuracy_of is not None:
+        row = ctx.row(suite, accuracy_of, case)
         diff = row.extra.get("max_abs_diff") if row else None
-        return "" if diff is None else f"; max abs diff of probabilities vs fp32 {diff:.1e}"
+        fig += "" if diff is None else f"; max abs diff of probabilities vs fp32 {diff:.1e}"
+    status = "met" if ratio >= min_ratio else "not met"
+    return Verdict(fig, status + ctx.smoke_note(fm, sm))
 
-    return extra
 
-
-GPU_ATTENTION = "1 user, C=4096, L=1024"
-GPU_16USERS = "16 users x C=4096, L=1024"
-GPU_POOL = "Q-Former M=32, 1024 users, L=1024"
 NO_GPU = "no GPU result (bench/results/gpu_bench-*.json or the CUDA cases of bench_kernels.py)"
 
 
@@ -566,131 +586,121 @@ def _smoke(r: dict) -> str:
     return " (smoke run: not a measurement)" if r.get("smoke") else ""
 
 
-def goal_attention_vs_sdpa(ctx: Context) -> Verdict:
-    ours, sdpa = _gpu_row(ctx, GPU_ATTENTION, "ours"), _gpu_row(ctx, GPU_ATTENTION, "sdpa")
+def _reported(smoke: bool) -> str:
+    """The status of a goal that asks for a figure, not a threshold."""
+    return "reported" + (" (smoke run: not a measurement)" if smoke else "")
+
+
+def metric_gpu_vs_sdpa(ctx: Context, *, case: str, min_ratio: float) -> Verdict:
+    """Our Triton kernel at least ``min_ratio`` times faster than SDPA at ``case`` (a case of
+    the GPU script, or of the kernels suite's CUDA cases)."""
+    ours, sdpa = _gpu_row(ctx, case, "ours"), _gpu_row(ctx, case, "sdpa")
     if not ours or not sdpa:
         return Verdict("—", _no_gpu(ctx))
     ratio = sdpa["median_us"] / ours["median_us"]
     return Verdict(f"ours {ours['median_us']:.1f} µs vs SDPA {sdpa['median_us']:.1f} µs: "
                    f"{ratio:.2f}× ({ours['source']})",
-                   ("met" if ratio >= 1.5 else "not met") + _smoke(ours))
+                   ("met" if ratio >= min_ratio else "not met") + _smoke(ours))
 
 
-def _fraction_goal(case: str, key: str, need: float, what: str):
-    def evaluate(ctx: Context) -> Verdict:
-        ours = _gpu_row(ctx, case, "ours")
-        if not ours or ours.get(key) is None:
-            return Verdict("—", _no_gpu(ctx))
-        frac = ours[key]
-        return Verdict(f"{fmt_pct(frac)} of the measured {what} ({ours['median_us']:.1f} µs, "
-                       f"{ours['source']})", ("met" if frac >= need else "not met") + _smoke(ours))
+def metric_gpu_fraction(ctx: Context, *, case: str, key: str, min_fraction: float,
+                        what: str) -> Verdict:
+    """Our Triton kernel's ``key`` (``frac_gemm`` or ``frac_copy``: its fraction of the measured
+    ceiling called ``what``) at least ``min_fraction`` at ``case``."""
+    ours = _gpu_row(ctx, case, "ours")
+    if not ours or ours.get(key) is None:
+        return Verdict("—", _no_gpu(ctx))
+    frac = ours[key]
+    return Verdict(f"{fmt_pct(frac)} of the measured {what} ({ours['median_us']:.1f} µs, "
+                   f"{ours['source']})", ("met" if frac >= min_fraction else "not met")
+                   + _smoke(ours))
 
-    return evaluate
 
-
-def goal_engine_vs_naive(ctx: Context) -> Verdict:
-    res = ctx.suites.get("engine_cpu")
+def metric_engine_vs_naive(ctx: Context, *, suite: str, provider: str, naive: str,
+                           eager: str) -> Verdict:
+    """Reported: at every case of ``suite``, ``provider``'s median and its ratios to ``naive``
+    and to ``eager``."""
+    res = ctx.suites.get(suite)
     if res is None:
-        return Verdict("—", "not measured: " + ctx.why_missing("engine_cpu", "engine"))
+        return Verdict("—", "not measured: " + ctx.why_missing(suite, provider))
     parts, smoke = [], False
     for case in _ordered(sorted(res.rows, key=lambda r: r.x or 0), lambda r: r.case):
-        eng, naive = ctx.measure("engine_cpu", "engine", case), ctx.measure("engine_cpu", "naive", case)
-        eager = ctx.measure("engine_cpu", "eager_folded", case)
+        eng, slow = ctx.measure(suite, provider, case), ctx.measure(suite, naive, case)
+        folded = ctx.measure(suite, eager, case)
         if not eng:
             continue
         smoke |= eng.smoke
         bits = []
-        if naive:
-            bits.append(f"{naive.seconds / eng.seconds:.0f}× faster than naive")
-        if eager:
-            bits.append(f"{eager.seconds / eng.seconds:.2f}× vs eager folded")
+        if slow:
+            bits.append(f"{slow.seconds / eng.seconds:.0f}× faster than naive")
+        if folded:
+            bits.append(f"{folded.seconds / eng.seconds:.2f}× vs eager folded")
         parts.append(f"{case}: {fmt_ms(eng.seconds)} ms, " + ", ".join(bits))
     if not parts:
-        return Verdict("—", "not measured: " + ctx.why_missing("engine_cpu", "engine"))
-    return Verdict("; ".join(parts), "reported" + (" (smoke run: not a measurement)" if smoke else ""))
+        return Verdict("—", "not measured: " + ctx.why_missing(suite, provider))
+    return Verdict("; ".join(parts), _reported(smoke))
 
 
-def goal_cpp_fractions(ctx: Context) -> Verdict:
+def metric_gemm_fractions(ctx: Context, *, suite: str, case: str, device: str,
+                          dtypes: dict[str, str]) -> Verdict:
+    """Reported: each provider's achieved FLOP rate at ``case`` and its fraction of the GEMM
+    rate of its dtype (``dtypes``: provider -> dtype) measured in the same run."""
     bits, smoke = [], False
-    for p, dtype in (("engine_cpp_cached", "float32"), ("engine_cpp_bf16_cached", "bfloat16")):
-        m = ctx.measure("engine_cpu", p, "C=4096")
-        res = ctx.suites.get("engine_cpu")
+    for p, dtype in dtypes.items():
+        m = ctx.measure(suite, p, case)
+        res = ctx.suites.get(suite)
         if not m or res is None:
             continue
         flops = m.row.extra.get("flops_by_provider", {}).get(p) if m.row.extra.get(
             "interleaved") else m.row.flops
-        gemm = res.ceiling("cpu", "gemm", dtype)
+        gemm = res.ceiling(device, "gemm", dtype)
         if flops and gemm:
             smoke |= m.smoke
             rate = flops / m.seconds
             bits.append(f"`{p}` {fmt_rate(rate)} = {fmt_pct(rate / gemm)} of the {dtype} GEMM "
                         f"rate ({fmt_rate(gemm)})")
     if not bits:
-        return Verdict("—", "not measured: " + ctx.why_missing("engine_cpu", "engine_cpp_cached",
-                                                               "C=4096"))
-    return Verdict("; ".join(bits), "reported" + (" (smoke run: not a measurement)" if smoke else ""))
+        return Verdict("—", "not measured: " + ctx.why_missing(suite, next(iter(dtypes)), case))
+    return Verdict("; ".join(bits), _reported(smoke))
 
 
-def goal_ort_beside_engine(ctx: Context) -> Verdict:
-    case = "C=4096"
-    got = {p: ctx.measure("onnx_cpu", p, case) for p in
-           ("ort_matmul", "ort_attention", "engine_backend")}
+def metric_latencies(ctx: Context, *, suite: str, providers: list[str], case: str) -> Verdict:
+    """Reported: the medians of ``providers`` at ``case`` (else at the suite's last case)."""
+    got = {p: ctx.measure(suite, p, case) for p in providers}
     if not any(got.values()):
-        res = ctx.suites.get("onnx_cpu")
+        res = ctx.suites.get(suite)
         cases = _ordered(res.rows, lambda r: r.case) if res else []
         if cases:
             case = cases[-1]
-            got = {p: ctx.measure("onnx_cpu", p, case) for p in got}
+            got = {p: ctx.measure(suite, p, case) for p in got}
     shown = [f"`{p}` {fmt_ms(m.seconds)} ms" for p, m in got.items() if m]
     if not shown:
-        return Verdict("—", "not measured: " + ctx.why_missing("onnx_cpu", "ort_matmul", case))
+        return Verdict("—", "not measured: " + ctx.why_missing(suite, providers[0], case))
     smoke = any(m.smoke for m in got.values() if m)
-    return Verdict(f"{case}: " + ", ".join(shown),
-                   "reported" + (" (smoke run: not a measurement)" if smoke else ""))
+    return Verdict(f"{case}: " + ", ".join(shown), _reported(smoke))
 
 
-REQUEST_GPU = ("engine_triton_cuda_bf16", "engine_triton_cuda")
-
-
-def goal_request_floor(ctx: Context) -> Verdict:
-    res = ctx.suites.get("request")
-    rows = [r for r in (res.rows if res else []) if r.provider in REQUEST_GPU
-            and r.case == "C=4096"]
+def metric_roofline_floor(ctx: Context, *, suite: str, providers: list[str], case: str,
+                          device: str, max_ratio: float) -> Verdict:
+    """The fastest of ``providers`` at ``case`` takes at most ``max_ratio`` times the sum of its
+    floors: analytic FLOPs / the GEMM rate of its dtype + minimum bytes / the copy bandwidth,
+    both measured on ``device`` in the same run."""
+    res = ctx.suites.get(suite)
+    rows = [r for r in (res.rows if res else []) if r.provider in providers and r.case == case]
     if not rows:
-        return Verdict("—", "not measured: " + ctx.why_missing("request", REQUEST_GPU[0],
-                                                               "C=4096"))
+        return Verdict("—", "not measured: " + ctx.why_missing(suite, providers[0], case))
     r = min(rows, key=lambda r: r.median_s)
-    gemm, bw = res.ceiling("cuda", "gemm", r.dtype), res.ceiling("cuda", "copy")
+    gemm, bw = res.ceiling(device, "gemm", r.dtype), res.ceiling(device, "copy")
     if not gemm or not bw or not r.flops or not r.min_bytes:
         return Verdict(f"`{r.provider}` {fmt_ms(r.median_s)} ms",
-                       "not measured: no CUDA ceilings in the same run")
+                       f"not measured: no {device.upper()} ceilings in the same run")
     floor = r.flops / gemm + r.min_bytes / bw
     ratio = r.median_s / floor
     fig = (f"`{r.provider}` {r.median_s * 1e6:.0f} µs = {ratio:.1f}× the sum of its floors "
            f"({r.flops / gemm * 1e6:.1f} µs compute + {r.min_bytes / bw * 1e6:.1f} µs memory; "
            "the one launch the goal adds is not in this floor)")
-    return Verdict(fig, ("met" if ratio <= 3 else "not met") + (
+    return Verdict(fig, ("met" if ratio <= max_ratio else "not met") + (
         " (smoke run: not a measurement)" if res.smoke else ""))
-
-
-def _request_gpu_goal(slow: str, need: float):
-    inner = _speedup_goal("request", REQUEST_GPU, (slow,), "C=4096", need)
-
-    def evaluate(ctx: Context) -> Verdict:
-        v = inner(ctx)
-        if v.status.startswith("not measured") and ctx.gpu and slow == "eager_folded_cuda":
-            rows = {r.get("provider"): r for r in ctx.gpu.get("rows", [])
-                    if str(r.get("case", "")).startswith("tower")}
-            ours = rows.get("ours + CUDA graph") or rows.get("ours (triton, fused)")
-            eager = rows.get("eager torch")
-            if ours and eager and ours.get("median_us") and eager.get("median_us"):
-                ratio = eager["median_us"] / ours["median_us"]
-                return Verdict(f"candidate tower only (bench/gpu_bench.py): {ratio:.2f}× vs "
-                               "eager torch", "not measured: the whole request was not timed "
-                               "on a GPU")
-        return v
-
-    return evaluate
 
 
 EXPERIMENT_JSON = Path("docs") / "results" / "ml-100k" / "results.json"
@@ -709,7 +719,9 @@ def find_experiment(results: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def goal_experiment_time(ctx: Context) -> Verdict:
+def metric_experiment_time(ctx: Context, *, max_seconds: float, min_seeds: int) -> Verdict:
+    """The committed experiment's wall time at most ``max_seconds``, over ``min_seeds`` or more
+    seeds."""
     if ctx.experiment is None:
         return Verdict("—", f"not measured: no {EXPERIMENT_JSON} (run `srp4ctr experiment`)")
     path, r = ctx.experiment
@@ -723,56 +735,70 @@ def goal_experiment_time(ctx: Context) -> Verdict:
            f"(`{EXPERIMENT_JSON}`; {mi.get('cpu_count', '?')} CPUs, --jobs "
            f"{par.get('jobs', 1)}); one call — an interrupted, resumed run would show only its "
            "last part")
-    ok = wall <= 3600 and len(seeds) >= 5
+    ok = wall <= max_seconds and len(seeds) >= min_seeds
     return Verdict(fig, "met" if ok else "not met")
 
 
-GOALS: list[Goal] = [
-    Goal(3, "`srp4ctr experiment --dataset ml-100k --seeds 5` completes within 60 minutes on 2 "
-            "CPU cores", goal_experiment_time),
-    Goal(4, "Candidate attention ≥ 1.5× faster than SDPA at C=4096, L=1024, d=128, H=4, bf16 "
-            "(H200)", goal_attention_vs_sdpa),
-    Goal(4, "Candidate attention ≥ 60% of the measured bf16 GEMM rate at 16 users × 4096 "
-            "candidates × L=1024", _fraction_goal(GPU_16USERS, "frac_gemm", 0.60, "bf16 GEMM rate")),
-    Goal(4, "Q-Former pooling ≥ 70% of the measured copy bandwidth at 1024 users",
-         _fraction_goal(GPU_POOL, "frac_copy", 0.70, "copy bandwidth")),
-    Goal(5, "Engine CPU benchmark: engine.score against the naive eager way and the eager "
-            "folded forward, C ∈ {100, 1000, 4096}, history 200 (ratios reported)",
-         goal_engine_vs_naive),
-    Goal(6, "C++ backend, fp32: ≥ 2× faster than the eager torch folded forward (C=4096, "
-            "history 200, d=64, 2 layers, 2 heads, 4 queries, user cached)",
-         _speedup_goal("engine_cpu", "engine_cpp_cached", ("eager_folded_cached",), "C=4096",
-                       2.0)),
-    Goal(6, "C++ backend, fp32: ≥ 2× faster than the best ONNX Runtime scorer graph (same shape)",
-         _speedup_goal("engine_cpu", "engine_cpp_cached", ("ort_matmul", "ort_attention"),
-                       "C=4096", 2.0)),
-    Goal(6, "C++ backend, bf16 mode: ≥ 3× faster than the eager torch folded forward, accuracy "
-            "stated",
-         _speedup_goal("engine_cpu", "engine_cpp_bf16_cached", ("eager_folded_cached",),
-                       "C=4096", 3.0,
-                       extra=_accuracy_of("engine_cpp_bf16_cached", "engine_cpu", "C=4096"))),
-    Goal(6, "C++ backend: achieved fraction of the machine's fp32 and bf16 GEMM rates (measured "
-            "in the same run)", goal_cpp_fractions),
-    Goal(7, "ONNX Runtime scorer latency beside the engine's backends", goal_ort_beside_engine),
-    Goal(9, "Candidate attention ≥ 1.5× faster than SDPA (as issue 4), on the H200",
-         goal_attention_vs_sdpa),
-    Goal(9, "Candidate attention ≥ 60% of the bf16 GEMM rate at 16 users × 4096 candidates",
-         _fraction_goal(GPU_16USERS, "frac_gemm", 0.60, "bf16 GEMM rate")),
-    Goal(9, "Q-Former pooling ≥ 70% of the copy bandwidth at 1024 users",
-         _fraction_goal(GPU_POOL, "frac_copy", 0.70, "copy bandwidth")),
-    Goal(9, "Whole single-user request on the GPU (encode_user + score of 4096 candidates, "
-            "2 layers, L=200) ≤ 3× the sum of its roofline floors plus one launch",
-         goal_request_floor),
-    Goal(9, "Whole request on the GPU ≥ 3× faster than the eager torch folded forward",
-         _request_gpu_goal("eager_folded_cuda", 3.0)),
-    Goal(9, "Whole request on the GPU ≥ 1.5× faster than torch.compile(mode=\"reduce-overhead\") "
-            "of the eager folded forward", _request_gpu_goal("eager_compiled_cuda", 1.5)),
-]
+# goals.toml's ``metric`` -> the function that evaluates it
+METRICS: dict[str, Callable[..., Verdict]] = {
+    "speedup": metric_speedup,
+    "gpu_vs_sdpa": metric_gpu_vs_sdpa,
+    "gpu_fraction": metric_gpu_fraction,
+    "engine_vs_naive": metric_engine_vs_naive,
+    "gemm_fractions": metric_gemm_fractions,
+    "latencies": metric_latencies,
+    "roofline_floor": metric_roofline_floor,
+    "experiment_time": metric_experiment_time,
+}
+GOALS_FILE = Path(__file__).with_name("goals.toml")
+
+
+def load_goals(path: Path = GOALS_FILE) -> list[Goal]:
+    """The goals of ``goals.toml``, in its order (the report's), each checked against its
+    metric's parameters."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: tomli (pytest depends on it there)
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise BenchError(f"reading {path.name} on Python 3.10 needs tomli: "
+                             "pip install -e \".[bench,onnx]\" (or pip install tomli)") from None
+    try:
+        doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # TOMLDecodeError is a ValueError
+        raise BenchError(f"cannot read the goals file {path}: {e}") from None
+    goals: list[Goal] = []
+    for n, entry in enumerate(doc.get("goal", []), 1):
+        params = dict(entry)
+        missing = [k for k in ("id", "issue", "text", "metric") if k not in params]
+        if missing:
+            raise BenchError(f"{path}: goal {n} has no {', '.join(missing)}")
+        gid, issue, text, metric = (params.pop(k) for k in ("id", "issue", "text", "metric"))
+        if metric not in METRICS:
+            raise BenchError(f"{path}: goal {gid}: unknown metric {metric!r}; expected one of "
+                             f"{', '.join(METRICS)}")
+        try:
+            inspect.signature(METRICS[metric]).bind(None, **params)
+        except TypeError as e:
+            raise BenchError(f"{path}: goal {gid} (metric {metric}): {e}") from None
+        if any(g.id == gid for g in goals):
+            raise BenchError(f"{path}: two goals with the id {gid}")
+        goals.append(Goal(gid, int(issue), text, metric, params))
+    return goals
+
+
+def goal(goal_id: str) -> Goal:
+    """The goal of ``goals.toml`` with this id."""
+    for g in load_goals():
+        if g.id == goal_id:
+            return g
+    raise KeyError(goal_id)
 
 
 def evaluate_goals(ctx: Context, goals: list[Goal] | None = None) -> list[tuple[Goal, Verdict]]:
     out = []
-    for g in goals or GOALS:
+    for g in goals or load_goals():
         try:
             v = g.evaluate(ctx)
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
@@ -1035,19 +1061,6 @@ def _rel(path: Path, start: Path) -> str:
 # ------------------------------------------------------------------------------------ the command
 
 
-def find_bench_dir(given: str | None = None) -> Path:
-    """The ``bench/`` folder with the suites: ``given``, else ``./bench``, else the one beside an
-    editable install of this package."""
-    candidates = [Path(given)] if given else [Path.cwd() / "bench",
-                                              Path(__file__).resolve().parents[1] / "bench"]
-    for c in candidates:
-        if (c / "bench_engine_cpu.py").is_file() and (c / "conftest.py").is_file():
-            return c.resolve()
-    raise BenchError(
-        "srp4ctr bench needs the repository's bench/ folder (the suites are not installed): run "
-        "it from the root of a clone, or pass --bench-dir" + (f" (tried {given})" if given else ""))
-
-
 def parse_suites(text: str | None) -> list[str]:
     """The suites to run, in report order (``ceilings`` always first)."""
     if not text:
@@ -1070,7 +1083,7 @@ def run_suites(bench_dir: Path, suites: list[str], results: Path, *, smoke: bool
     results.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="srp4ctr-bench-json-") as tmp:
         raw = Path(tmp) / "run.json"
-        files = [f"bench/bench_{s}.py" for s in suites]
+        files = [f"{bench_dir.name}/bench_{s}.py" for s in suites]
         cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider",
                f"--benchmark-json={raw}", "--benchmark-columns=median,iqr,rounds",
                "--benchmark-sort=name", "-o", "faulthandler_timeout=900"]
@@ -1105,10 +1118,10 @@ def command_line(args) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def cli_bench(args) -> int:
-    """``srp4ctr bench``: run the suites (unless ``--report-only``), then write the report."""
+def cli_bench(args, bench_dir: Path) -> int:
+    """``srp4ctr bench``: run the suites of ``bench_dir`` (unless ``--report-only``), then write
+    the report."""
     command = command_line(args)
-    bench_dir = None if args.report_only and args.out else find_bench_dir(args.bench_dir)
     if args.out:
         out = Path(args.out)
     elif args.smoke:
