@@ -10,9 +10,34 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from srp4ctr.errors import SRP4CTRError
+
+
+class _ModelKinds(Sequence):
+    """The registered model kinds of ``role`` (:mod:`srp4ctr.models.registry`) as argparse
+    ``choices``, looked up the first time argparse checks or shows them: the registry loads torch,
+    which the parser is built without. Arguments using it need a ``metavar`` (argparse lists the
+    choices of the others while building the parser)."""
+
+    def __init__(self, role: str):
+        self.role = role
+        self._kinds: tuple[str, ...] | None = None
+
+    def _get(self) -> tuple[str, ...]:
+        if self._kinds is None:
+            from srp4ctr.models import model_kinds
+
+            self._kinds = model_kinds(self.role)
+        return self._kinds
+
+    def __getitem__(self, i):
+        return self._get()[i]
+
+    def __len__(self) -> int:
+        return len(self._get())
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -274,9 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_args(p_pre)
     p_pre.add_argument("--out", required=True, help="checkpoint directory to write")
-    p_pre.add_argument("--kind", choices=["fgbert", "bert"], default="fgbert",
-                       help="fgbert (side information, two masking strategies) or bert "
-                       "(item ids only)")
+    p_pre.add_argument("--kind", choices=_ModelKinds("pretrain"), default="fgbert",
+                       metavar="KIND",
+                       help="what to pre-train, one of %(choices)s: FG-BERT (side information, "
+                       "two masking strategies) or BERT (item ids only); default %(default)s")
     p_pre.add_argument("--mask-rate", dest="mask_rate", type=float, help="default 0.2")
     _add_train_args(p_pre)
     p_pre.set_defaults(func=_cmd_pretrain)
@@ -289,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_args(p_ft)
     p_ft.add_argument("--out", required=True, help="checkpoint directory to write")
-    p_ft.add_argument("--model", choices=["srp4ctr", "din", "bst", "user_vector"],
-                      default="srp4ctr", help="which CTR model (default srp4ctr)")
+    p_ft.add_argument("--model", choices=_ModelKinds("ctr"), default="srp4ctr", metavar="MODEL",
+                      help="which CTR model, one of %(choices)s (default %(default)s)")
     p_ft.add_argument("--pretrained", help="pre-training checkpoint to start the encoder from")
     p_ft.add_argument("--freeze-encoder", action="store_true",
                       help="keep the pre-trained encoder fixed")

@@ -67,6 +67,8 @@ class FGBERT(nn.Module):
     K^l = LN1_l(H^{l-1}) W_K^l + b, [B, L, H, Dh], exactly as used inside layer l.
     """
 
+    kind = "fgbert"
+
     def __init__(self, spec: ModelSpec, config: ModelConfig):
         super().__init__()
         self.spec = spec

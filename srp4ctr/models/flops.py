@@ -95,51 +95,68 @@ def _mlp(in_dim: int, hidden: tuple[int, ...], skip_first: bool = False) -> int:
     return sum(macs[1:] if skip_first else macs)
 
 
+def srp4ctr_macs(config: ModelConfig, L: int, u: int) -> tuple[int, int]:
+    """SRP4CTR's (user-side, per-candidate) multiply-adds; see the module docstring."""
+    d, f, n = config.d_model, config.ffn_mult, config.n_layers
+    M, P, hh = config.n_queries, config.qformer_blocks, config.head_hidden
+    user = n * _layer(L, d, f)
+    user_dim = 0 if config.use_xattn else d
+    if config.use_qformer:
+        per_block = (4 + 2 * f) * M * d * d + 2 * M * M * d
+        per_block += 2 * M * d * d + 2 * L * d * d + 2 * M * L * d
+        user += P * per_block
+        if config.qformer_user_offset and u > 0:
+            user += u * d * d + d * M * d
+        user_dim += M * d
+    user += user_dim * hh[0]
+    cand_dim = 2 * d if config.use_xattn else d
+    cand = cand_dim * hh[0] + _mlp(cand_dim, hh, skip_first=True)
+    if config.use_xattn:
+        cand += n * ((2 + 2 * f) * d * d + 2 * L * d)
+    return user, cand
+
+
+def din_macs(config: ModelConfig, L: int, u: int) -> tuple[int, int]:
+    """DIN's (user-side, per-candidate) multiply-adds: nothing runs once per user."""
+    from srp4ctr.models.baselines import DIN_ATTENTION_HIDDEN
+
+    d, hh = config.d_model, config.head_hidden
+    a1, a2 = DIN_ATTENTION_HIDDEN
+    return 0, L * (4 * d * a1 + a1 * a2 + a2) + L * d + _mlp(2 * d + u * d, hh)
+
+
+def bst_macs(config: ModelConfig, L: int, u: int) -> tuple[int, int]:
+    """BST's (user-side, per-candidate) multiply-adds: the sequence is re-encoded per candidate."""
+    d, f, n = config.d_model, config.ffn_mult, config.n_layers
+    return 0, n * _layer(L + 1, d, f) + _mlp(3 * d + u * d, config.head_hidden)
+
+
+def user_vector_macs(config: ModelConfig, L: int, u: int) -> tuple[int, int]:
+    """The user-vector baseline's (user-side, per-candidate) multiply-adds."""
+    d, f, n = config.d_model, config.ffn_mult, config.n_layers
+    return n * _layer(L, d, f), _mlp(2 * d + u * d, config.head_hidden)
+
+
 def flops_per_request(kind: str, config: ModelConfig, L: int, n_candidates: int,
                       n_user_fields: int = 0) -> FlopCount:
     """FLOPs of one request of model ``kind`` with history length ``L`` and ``n_candidates``
-    candidates; see the module docstring for the formulas."""
+    candidates; see the module docstring for the formulas (each kind's is registered with it in
+    :mod:`srp4ctr.models.registry`)."""
+    from srp4ctr.models.registry import model_entry, model_kinds
+
     if L < 0 or n_candidates < 0 or n_user_fields < 0:
         raise InputError("L, n_candidates and n_user_fields must be non-negative")
-    d, f, n = config.d_model, config.ffn_mult, config.n_layers
-    M, P, hh = config.n_queries, config.qformer_blocks, config.head_hidden
-    u = n_user_fields
-    from srp4ctr.models.baselines import DIN_ATTENTION_HIDDEN
-
-    if kind == "srp4ctr":
-        user = n * _layer(L, d, f)
-        user_dim = 0 if config.use_xattn else d
-        if config.use_qformer:
-            per_block = (4 + 2 * f) * M * d * d + 2 * M * M * d
-            per_block += 2 * M * d * d + 2 * L * d * d + 2 * M * L * d
-            user += P * per_block
-            if config.qformer_user_offset and u > 0:
-                user += u * d * d + d * M * d
-            user_dim += M * d
-        user += user_dim * hh[0]
-        cand_dim = 2 * d if config.use_xattn else d
-        cand = cand_dim * hh[0] + _mlp(cand_dim, hh, skip_first=True)
-        if config.use_xattn:
-            cand += n * ((2 + 2 * f) * d * d + 2 * L * d)
-    elif kind == "din":
-        a1, a2 = DIN_ATTENTION_HIDDEN
-        user = 0
-        cand = L * (4 * d * a1 + a1 * a2 + a2) + L * d + _mlp(2 * d + u * d, hh)
-    elif kind == "bst":
-        user = 0
-        cand = n * _layer(L + 1, d, f) + _mlp(3 * d + u * d, hh)
-    elif kind == "user_vector":
-        user = n * _layer(L, d, f)
-        cand = _mlp(2 * d + u * d, hh)
-    else:
-        raise InputError(f"unknown model kind {kind!r}; expected srp4ctr, din, bst, user_vector")
+    counted = [k for k in model_kinds() if model_entry(k).macs is not None]
+    if kind not in counted:
+        raise InputError(f"unknown model kind {kind!r}; expected {', '.join(counted)}")
+    user, cand = model_entry(kind).macs(config, L, n_user_fields)
     return FlopCount(user=2 * user, per_candidate=2 * cand, n_candidates=n_candidates)
 
 
 def served_flops_per_candidate(config: ModelConfig, L: int) -> int:
     """FLOPs per candidate that the engine executes for an SRP4CTR model (item-only terms folded
     into tables: the first tower layer's query projection and the head's z⁰ block)."""
-    f = flops_per_request("srp4ctr", config, L, 1)
+    _, cand = srp4ctr_macs(config, L, 0)
     d, h1 = config.d_model, config.head_hidden[0]
     folded = d * h1 + (d * d if config.use_xattn and config.n_layers else 0)
-    return f.per_candidate - 2 * folded
+    return 2 * cand - 2 * folded

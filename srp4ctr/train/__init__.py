@@ -1,8 +1,12 @@
-"""Training: FG-BERT pre-training, CTR fine-tuning, evaluation, experiments, checkpoints."""
+"""Training: FG-BERT pre-training, CTR fine-tuning, evaluation, experiments.
 
-from srp4ctr.train.checkpoint import load_checkpoint, save_checkpoint
+Checkpoint I/O and :func:`load_model` live in :mod:`srp4ctr.models.checkpoint`; they are
+re-exported here for training code.
+"""
+
+from srp4ctr.models.checkpoint import load_checkpoint, load_model, save_checkpoint
 from srp4ctr.train.config import TrainConfig
-from srp4ctr.train.loop import evaluate, finetune, load_model, pretrain
+from srp4ctr.train.loop import evaluate, finetune, pretrain
 
 __all__ = [
     "TrainConfig",

@@ -22,12 +22,10 @@ from torch import nn
 
 from srp4ctr import metrics
 from srp4ctr.errors import InputError
-from srp4ctr.train.checkpoint import load_checkpoint, save_checkpoint
+from srp4ctr.models.checkpoint import load_model, save_checkpoint
+from srp4ctr.models.registry import model_entry, model_kinds
 from srp4ctr.train.config import TrainConfig
 from srp4ctr.train.distributed import World, all_mean, gather_objects, init_world
-
-PRETRAIN_KINDS = ("fgbert", "bert")
-CTR_KINDS = ("srp4ctr", "din", "bst", "user_vector")
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,7 +333,8 @@ def pretrain(
     ds, out_dir: str | os.PathLike | None, *, model_config=None, train_config: TrainConfig | None = None,
     kind: str = "fgbert", windows: bool = True,
 ) -> dict:
-    """Pre-train FG-BERT (``kind="fgbert"``) or the item-id-only BERT (``"bert"``).
+    """Pre-train an encoder of a ``"pretrain"`` kind of :mod:`srp4ctr.models.registry`: FG-BERT
+    (``kind="fgbert"``) or the item-id-only BERT (``"bert"``).
 
     Only each user's training interactions are seen: the last ``max_len`` of them and, with
     ``windows``, every earlier non-overlapping ``max_len`` window of long users. Validation:
@@ -343,20 +342,20 @@ def pretrain(
     first test item. Writes a checkpoint, ``metrics.json`` and ``curves.png`` to ``out_dir``.
     """
     from srp4ctr.data.samples import NextItemDataset, PretrainDataset
-    from srp4ctr.models import FGBERT, ModelConfig, ModelSpec
+    from srp4ctr.models import ModelConfig, ModelSpec
 
-    if kind not in PRETRAIN_KINDS:
-        raise InputError(f"unknown pre-training kind {kind!r}; expected one of {PRETRAIN_KINDS}")
+    if kind not in model_kinds("pretrain"):
+        raise InputError(f"unknown pre-training kind {kind!r}; expected one of "
+                         f"{model_kinds('pretrain')}")
+    entry = model_entry(kind)
     cfg = train_config or TrainConfig()
-    mcfg = model_config or ModelConfig()
-    if kind == "bert":
-        mcfg = type(mcfg).from_dict({**mcfg.to_dict(), "item_only": True})
+    mcfg = entry.configure(model_config or ModelConfig())  # saved as the checkpoint's config
     _set_threads(cfg)
     world = init_world(cfg.device)
     gen = seed_everything(cfg.seed + 1000 * world.rank)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     spec = ModelSpec.from_dataset(ds)
-    model = FGBERT(spec, mcfg).to(cfg.device)
+    model = entry.build(spec, mcfg).to(cfg.device)
     train_set = PretrainDataset(ds, max_len=mcfg.max_len, windows=windows)
     valid_set = NextItemDataset(ds, split="valid", max_len=mcfg.max_len, n_negatives=100,
                                 seed=cfg.seed)
@@ -409,49 +408,24 @@ def _save_run(out_dir, model, kind, spec, mcfg, cfg, ds, result, curve_keys) -> 
     plot_curves(result["history"], out / "curves.png", f"{kind} on {ds.name}", curve_keys)
 
 
-def load_model(path: str | os.PathLike, *, dataset_fingerprint: str | None = None,
-               device: str = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a model from a checkpoint directory; returns ``(model, config)``."""
-    from srp4ctr.models import FGBERT, ModelConfig, ModelSpec, build_model
-
-    ck = load_checkpoint(path, expect_kind=PRETRAIN_KINDS + CTR_KINDS,
-                         dataset_fingerprint=dataset_fingerprint)
-    spec = ModelSpec.from_dict(ck.config["spec"])
-    mcfg = ModelConfig.from_dict(ck.config["model_config"])
-    kind = ck.config["kind"]
-    if kind in PRETRAIN_KINDS:
-        model = FGBERT(spec, mcfg)
-    else:
-        encoder = FGBERT(spec, mcfg) if kind in ("srp4ctr", "user_vector") else None
-        model = build_model(kind, spec, mcfg, encoder=encoder)
-    missing, unexpected = model.load_state_dict(ck.state, strict=False)
-    if missing or unexpected:
-        from srp4ctr.errors import CheckpointError
-
-        raise CheckpointError(
-            f"{path}: weights do not fit the model (missing {list(missing)[:5]}, "
-            f"unexpected {list(unexpected)[:5]})"
-        )
-    model.to(device).eval()
-    return model, ck.config
-
-
 def finetune(
     ds, out_dir: str | os.PathLike | None, *, kind: str = "srp4ctr", model_config=None,
     train_config: TrainConfig | None = None, pretrained: str | os.PathLike | None = None,
     name: str | None = None,
 ) -> dict:
-    """Train a CTR model (``srp4ctr``, ``din``, ``bst``, ``user_vector``) with BCE.
+    """Train a model of a ``"ctr"`` kind of :mod:`srp4ctr.models.registry` (``srp4ctr``,
+    ``din``, ``bst``, ``user_vector``) with BCE.
 
     ``pretrained`` is a pre-training checkpoint whose encoder (embeddings and Transformer) the
     SRP4CTR / user-vector models start from; without it they start from random weights.
     Validation AUC after each epoch drives early stopping; the best epoch is evaluated on test.
     """
     from srp4ctr.data.samples import CTRDataset
-    from srp4ctr.models import FGBERT, ModelConfig, ModelSpec, build_model
+    from srp4ctr.models import FGBERT, ModelConfig, ModelSpec
 
-    if kind not in CTR_KINDS:
-        raise InputError(f"unknown CTR model kind {kind!r}; expected one of {CTR_KINDS}")
+    if kind not in model_kinds("ctr"):
+        raise InputError(f"unknown CTR model kind {kind!r}; expected one of {model_kinds('ctr')}")
+    entry = model_entry(kind)
     cfg = train_config or TrainConfig()
     mcfg = model_config or ModelConfig()
     _set_threads(cfg)
@@ -461,7 +435,7 @@ def finetune(
     spec = ModelSpec.from_dataset(ds)
     encoder = None
     pre_info = None
-    if kind in ("srp4ctr", "user_vector"):
+    if entry.takes_encoder:
         encoder = FGBERT(spec, mcfg)
         if pretrained is not None:
             pre, pre_cfg = load_model(pretrained, dataset_fingerprint=ds.fingerprint)
@@ -469,7 +443,7 @@ def finetune(
             pre_info = {"path": str(pretrained), "kind": pre_cfg["kind"],
                         "fingerprint": pre_cfg["weights_sha256"],
                         "not_pretrained": sorted(missing)}
-    model = build_model(kind, spec, mcfg, encoder=encoder).to(cfg.device)
+    model = entry.build(spec, mcfg, encoder=encoder).to(cfg.device)
     train_set = CTRDataset(ds, "train", max_len=mcfg.max_len, negatives=cfg.negatives, seed=cfg.seed)
     valid_set = CTRDataset(ds, "valid", max_len=mcfg.max_len, negatives=cfg.negatives, seed=cfg.seed)
     test_set = CTRDataset(ds, "test", max_len=mcfg.max_len, negatives=cfg.negatives, seed=cfg.seed)
@@ -519,7 +493,7 @@ def evaluate(path: str | os.PathLike, ds, *, split: str = "test", batch_size: in
     model, cfg = load_model(path, dataset_fingerprint=ds.fingerprint, device=device)
     tc = TrainConfig.from_dict(cfg.get("train_config", {}))
     max_len = cfg["model_config"].get("max_len", 200)
-    if cfg["kind"] in PRETRAIN_KINDS:
+    if model_entry(cfg["kind"]).role == "pretrain":
         data = NextItemDataset(ds, split=split, max_len=max_len, n_negatives=100, seed=tc.seed)
         res = next_item_metrics(model, data, device=device, batch_size=batch_size)
     else:
