@@ -148,7 +148,7 @@ def cpp_unavailable() -> str | None:
 
     from srp4ctr.engine.backends import CppBackend
 
-    return CppBackend.unavailable_reason(torch.device("cpu"))
+    return CppBackend.unavailable_reason(torch.device("cpu"), torch.float32)
 
 
 def cuda_unavailable() -> str | None:

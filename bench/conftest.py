@@ -85,18 +85,12 @@ class Served:
                 self._engines[name] = Unavailable(reason)
             else:
                 kw = {"dtype": torch.bfloat16} if low == "bf16" else {}
-                old = os.environ.get("SRP4CTR_CPP_ISA")
                 if isa:
-                    os.environ["SRP4CTR_CPP_ISA"] = isa
+                    kw["isa"] = isa
                 try:
                     engine = Engine.from_model(self.model, self.ds, backend=backend, **kw)
                 except Exception as e:  # noqa: BLE001 - the reason is reported, not hidden
                     engine = Unavailable(f"{type(e).__name__}: {e}")
-                finally:
-                    if isa and old is None:
-                        os.environ.pop("SRP4CTR_CPP_ISA")
-                    elif isa:
-                        os.environ["SRP4CTR_CPP_ISA"] = old
                 if isa and not isinstance(engine, Unavailable):
                     default = self.engine(f"{backend}_{low}")
                     if default._backend.describe()["isa"] == isa:

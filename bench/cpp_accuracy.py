@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-PATHS = {  # name: (backend, dtype, SRP4CTR_CPP_ISA or None for the default)
+PATHS = {  # name: (backend, dtype, the C++ instruction set or None for the default)
     "torch_fp32": ("torch", torch.float32, None),
     "cpp_fp32": ("cpp", torch.float32, None),
     "cpp_bf16": ("cpp", torch.bfloat16, None),
@@ -49,21 +49,10 @@ def _cpu_model() -> str:
 
 
 def _load(run, ds, backend, dtype, isa):
-    import os
-
     from srp4ctr.engine import Engine
 
-    old = os.environ.get("SRP4CTR_CPP_ISA")
-    if isa is not None:
-        os.environ["SRP4CTR_CPP_ISA"] = isa
-    try:
-        return Engine.load(run, dataset=ds, backend=backend, dtype=dtype)
-    finally:
-        if isa is not None:
-            if old is None:
-                os.environ.pop("SRP4CTR_CPP_ISA")
-            else:
-                os.environ["SRP4CTR_CPP_ISA"] = old
+    return Engine.load(run, dataset=ds, backend=backend, dtype=dtype,
+                       **({} if isa is None else {"isa": isa}))
 
 
 def _history(ds, user: int, end: int) -> dict:

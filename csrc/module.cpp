@@ -1,6 +1,6 @@
 // srp4ctr._C: the C++ CPU scoring path (pybind11).
 //
-//   tower = _C.Tower(d_model, n_heads, layers, head_zn, rest, h1, precision, isa)
+//   tower = _C.Tower(d_model, n_heads, layers, head_zn, rest, h1, precision, isa, ln_eps)
 //   tower.score(ids, tables, users, kv_dtype, out, threads)
 //
 // Weights arrive as float32 numpy arrays in nn.Linear layout and are packed here once.
@@ -118,10 +118,14 @@ Isa pick_isa(const std::string& isa, Precision prec) {
 class Tower {
  public:
   Tower(int d_model, int n_heads, const py::list& layers, py::object head_zn,
-        const py::list& rest, int h1, const std::string& precision, const std::string& isa) {
+        const py::list& rest, int h1, const std::string& precision, const std::string& isa,
+        float ln_eps) {
     if (d_model <= 0 || n_heads <= 0 || d_model % n_heads)
       throw std::invalid_argument("d_model must be a positive multiple of n_heads");
     if (h1 <= 0) throw std::invalid_argument("h1 must be positive");
+    if (!(ln_eps > 0.f) || !std::isfinite(ln_eps))
+      throw std::invalid_argument("ln_eps must be a positive finite number");
+    m_.eps = ln_eps;
     if (precision != "fp32" && precision != "bf16")
       throw std::invalid_argument("precision must be 'fp32' or 'bf16'");
     m_.d = d_model;
@@ -242,10 +246,13 @@ class UserEncoder {
  public:
   UserEncoder(int d_model, int n_heads, const py::list& layers, const py::tuple& final_ln,
               const py::list& qblocks, py::object q_ln, py::object head_user, int n_queries,
-              int h1, const std::string& isa) {
+              int h1, const std::string& isa, float ln_eps) {
     if (d_model <= 0 || n_heads <= 0 || d_model % n_heads)
       throw std::invalid_argument("d_model must be a positive multiple of n_heads");
     if (h1 <= 0 || n_queries < 0) throw std::invalid_argument("h1 > 0 and n_queries >= 0");
+    if (!(ln_eps > 0.f) || !std::isfinite(ln_eps))
+      throw std::invalid_argument("ln_eps must be a positive finite number");
+    e_.eps = ln_eps;
     e_.d = d_model;
     e_.heads = n_heads;
     e_.head_dim = d_model / n_heads;
@@ -418,21 +425,21 @@ PYBIND11_MODULE(_C, mod) {
   mod.doc() = "srp4ctr C++ CPU kernels: the folded candidate tower (fp32 / bf16)";
   py::class_<Tower>(mod, "Tower")
       .def(py::init<int, int, const py::list&, py::object, const py::list&, int,
-                    const std::string&, const std::string&>(),
+                    const std::string&, const std::string&, float>(),
            py::arg("d_model"), py::arg("n_heads"), py::arg("layers"), py::arg("head_zn"),
-           py::arg("rest"), py::arg("h1"), py::arg("precision") = "fp32",
-           py::arg("isa") = "auto")
+           py::arg("rest"), py::arg("h1"), py::arg("precision"), py::arg("isa"),
+           py::arg("ln_eps"))
       .def("score", &Tower::score, py::arg("ids"), py::arg("n_ids"), py::arg("tables"),
            py::arg("users"), py::arg("kv_dtype"), py::arg("out"), py::arg("threads"),
-           py::arg("tile") = 48)
+           py::arg("tile"))
       .def_property_readonly("isa", &Tower::isa)
       .def_property_readonly("precision", &Tower::precision);
   py::class_<UserEncoder>(mod, "UserEncoder")
       .def(py::init<int, int, const py::list&, const py::tuple&, const py::list&, py::object,
-                    py::object, int, int, const std::string&>(),
+                    py::object, int, int, const std::string&, float>(),
            py::arg("d_model"), py::arg("n_heads"), py::arg("layers"), py::arg("final_ln"),
            py::arg("qblocks"), py::arg("q_ln"), py::arg("head_user"), py::arg("n_queries"),
-           py::arg("h1"), py::arg("isa") = "auto")
+           py::arg("h1"), py::arg("isa"), py::arg("ln_eps"))
       .def("encode", &UserEncoder::encode, py::arg("x"), py::arg("queries"),
            py::arg("threads") = 1)
       .def_property_readonly("isa", &UserEncoder::isa);

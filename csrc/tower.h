@@ -45,6 +45,7 @@ struct LayerWeights {
 
 struct Model {
   int d = 0, heads = 0, head_dim = 0, ffn = 0, h1 = 0;
+  float eps = 0.f;  // LayerNorm epsilon (the model's, passed from Python)
   Precision precision = Precision::kF32;
   Isa isa = Isa::kGeneric;
   std::vector<LayerWeights> layers;
@@ -96,6 +97,7 @@ struct QBlockWeights {  // one Q-Former block
 
 struct Encoder {
   int d = 0, heads = 0, head_dim = 0, ffn = 0, n_queries = 0, h1 = 0;
+  float eps = 0.f;  // LayerNorm epsilon of every norm of the user side (from Python)
   Isa isa = Isa::kGeneric;
   std::vector<EncLayerWeights> layers;
   std::vector<float> final_w, final_b;  // the encoder's final LayerNorm

@@ -251,7 +251,7 @@ inline __m512 load16(const float* p, int left) {
 
 // LayerNorm over rows of width d (any d): two passes over the row in registers' worth of 16.
 inline void layer_norm_avx512(int M, int d, const float* X, int ldx, const float* w,
-                              const float* b, float* Y, int ldy) {
+                              const float* b, float* Y, int ldy, float eps) {
   const float inv_d = 1.0f / static_cast<float>(d);
   for (int i = 0; i < M; ++i) {
     const float* x = X + static_cast<size_t>(i) * ldx;
@@ -266,7 +266,7 @@ inline void layer_norm_avx512(int M, int d, const float* X, int ldx, const float
       var = _mm512_fmadd_ps(t, t, var);
     }
     const __m512 rstd =
-        _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(var) * inv_d + 1e-5f));
+        _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(var) * inv_d + eps));
     for (int j = 0; j < d; j += 16) {
       const int left = d - j;
       const __m512 t = _mm512_mul_ps(_mm512_sub_ps(load16(x + j, left), mean), rstd);
@@ -320,8 +320,8 @@ struct Avx512Common {
   }
   static void gelu(float* x, int64_t count) { gelu_avx512(x, count); }
   static void layer_norm(int M, int d, const float* X, int ldx, const float* w, const float* b,
-                         float* Y, int ldy) {
-    layer_norm_avx512(M, d, X, ldx, w, b, Y, ldy);
+                         float* Y, int ldy, float eps) {
+    layer_norm_avx512(M, d, X, ldx, w, b, Y, ldy, eps);
   }
   static void gather(const void* table, DType dt, const int64_t* ids, int M, int width, float* Y,
                      int ldy, const float* add) {

@@ -48,8 +48,8 @@ struct GenericOps {
   }
 
   static void layer_norm(int M, int d, const float* X, int ldx, const float* w, const float* b,
-                         float* Y, int ldy) {
-    layer_norm_scalar(M, d, X, ldx, w, b, Y, ldy);
+                         float* Y, int ldy, float eps) {
+    layer_norm_scalar(M, d, X, ldx, w, b, Y, ldy, eps);
   }
 
   static void gather(const void* table, DType dt, const int64_t* ids, int M, int width, float* Y,

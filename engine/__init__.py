@@ -14,11 +14,17 @@
   :class:`UserCache`), ``score`` (thousands of candidates against the cache, in chunks under a
   memory budget), ``score_many`` (many users, jagged), ``describe``.
 - :class:`UserCache` — per-layer K/V of the real positions, Q-Former tokens, the head's user
-  block; ``save`` / ``load`` (safetensors, checked). Layout in :mod:`srp4ctr.engine.cache`.
+  block; ``save`` / ``Engine.load_cache`` (safetensors, checked). Layout in
+  :mod:`srp4ctr.engine.cache`.
 - :class:`UserCacheStore` — thread-safe LRU of caches bounded in bytes.
 - :class:`History` — a raw user history.
-- Backends (:mod:`srp4ctr.engine.backends`): ``torch`` (reference, folded item tables),
-  ``triton`` (fused kernels on CUDA), ``cpp`` (slot for the C++ CPU path; not built yet).
+- :class:`EngineConfig` — every serving choice (device, dtype, backend, user side, threads, the
+  C++ instruction set and tile, chunk and table budgets), resolved once; ``Engine.load(path,
+  config, **overrides)``; the environment variables it honours are listed in
+  :mod:`srp4ctr.engine.config`.
+- Backends (:mod:`srp4ctr.engine.backends`, one module each): ``torch`` (the reference),
+  ``triton`` (fused kernels on CUDA), ``cpp`` (the C++ CPU path); each has a candidate scorer and
+  a user side, and one rule picks them (``auto``).
 
 Importing this package never imports triton nor touches a GPU.
 """
@@ -28,16 +34,21 @@ from srp4ctr.kernels import BackendUnavailableError
 
 from .backends import (
     BACKENDS,
+    BackendOptions,
     CppBackend,
-    ScoringBackend,
+    Scorer,
     TorchBackend,
     TritonBackend,
+    UserSide,
     resolve_backend,
+    resolve_user_side,
 )
 from .cache import CACHE_FORMAT, CACHE_FORMAT_VERSION, UserCache, UserCacheStore
-from .engine import DEFAULT_MAX_CHUNK_BYTES, Engine, model_fingerprint
+from .config import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_TABLE_BYTES, EngineConfig
+from .engine import Engine
 from .folded import FoldedModel
 from .inputs import History
+from .loading import model_fingerprint
 
 __all__ = [
     "BACKENDS",
@@ -47,17 +58,22 @@ __all__ = [
     "BackendUnavailableError",
     "CacheError",
     "CheckpointError",
+    "BackendOptions",
     "CppBackend",
+    "DEFAULT_MAX_TABLE_BYTES",
     "Engine",
+    "EngineConfig",
     "FoldedModel",
     "History",
     "InputError",
-    "ScoringBackend",
+    "Scorer",
     "TorchBackend",
     "TritonBackend",
     "UnknownItemError",
+    "UserSide",
     "UserCache",
     "UserCacheStore",
     "model_fingerprint",
     "resolve_backend",
+    "resolve_user_side",
 ]

@@ -35,14 +35,11 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from srp4ctr.errors import CacheError, InputError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Engine
 
 __all__ = ["CACHE_FORMAT", "CACHE_FORMAT_VERSION", "UserCache", "UserCacheStore"]
 
@@ -256,16 +253,14 @@ class UserCache:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, engine: Engine | None = None,
+    def load(cls, path: str | os.PathLike, *,
              device: torch.device | str | None = None) -> UserCache:
-        """Read a cache written by :meth:`save`.
-
-        With ``engine``, the cache must come from that engine's model (same fingerprint, shapes
-        and dtype) and is placed on the engine's device; otherwise on ``device`` (default CPU).
+        """Read a cache written by :meth:`save`, on ``device`` (default CPU). The file format
+        alone is checked here; :meth:`Engine.load_cache <srp4ctr.engine.Engine.load_cache>` also
+        checks that the cache comes from the engine's model.
 
         Raises:
-            CacheError: missing, truncated or altered file, another format, NaN/inf, or (with
-                ``engine``) a cache of another model or of another dtype.
+            CacheError: missing, truncated or altered file, another format, NaN/inf.
         """
         from safetensors import SafetensorError, safe_open
 
@@ -308,9 +303,6 @@ class UserCache:
         if cache._digest() != digest:
             raise CacheError(f"{path}: tensor bytes do not match the stored sha256 (corrupt)")
         cache.check_finite()
-        if engine is not None:
-            engine.check_cache(cache, move=False, where=str(path))
-            device = engine.device
         return cache.to(device=device) if device is not None else cache
 
 

@@ -99,9 +99,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from srp4ctr.errors import InputError
+from srp4ctr.kernels import TowerLayerParams
+from srp4ctr.kernels.reference import candidate_tower_ref
 from srp4ctr.models.layers import recency_positions, valid_mask
 
-from .folded import LN_EPS, FoldedModel
+from .backends.torch import head
+from .folded import FoldedModel
 
 __all__ = [
     "ATTENTION_VARIANTS",
@@ -225,6 +228,7 @@ class ScorerGraph(nn.Module):
         self.attention = attention
         self.d, self.H, self.Dh = fm.d_model, fm.n_heads, fm.head_dim
         self.n_layers = fm.n_layers
+        self.eps = fm.eps
         scale = fm.head_dim ** -0.5
 
         def buf(name: str, t: torch.Tensor) -> None:
@@ -245,45 +249,44 @@ class ScorerGraph(nn.Module):
         self.input_names = (["k", "v"] if self.n_layers else []) + ["head_user", "cand_item"]
         self.output_names = ["probs", "logits"]
 
-    def _p(self, i: int, name: str) -> torch.Tensor:
-        return getattr(self, f"l{i}_{name}")
+    def _layers(self) -> list[TowerLayerParams]:
+        return [TowerLayerParams(*(getattr(self, f"l{i}_{name}")
+                                   for name in TowerLayerParams._fields))
+                for i in range(self.n_layers)]
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [C, d] (scale folded in), k/v [n, H, Dh] -> [C, d]."""
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets, kv_offsets,
+                scale: float) -> torch.Tensor:
+        """One user's q [C, H, Dh] (scale folded in), k/v [n, H, Dh] -> [C, H, Dh]: the
+        reference tower's attention primitive, in ops that export (MatMul/Softmax or the ONNX
+        Attention op)."""
         C, n, H, Dh = q.shape[0], k.shape[0], self.H, self.Dh
         if self.attention == "attention":
             y = torch.onnx.ops.attention(
-                q.unsqueeze(0), k.reshape(1, n, H * Dh), v.reshape(1, n, H * Dh),
-                q_num_heads=H, kv_num_heads=H, scale=1.0,
+                q.reshape(1, C, H * Dh), k.reshape(1, n, H * Dh), v.reshape(1, n, H * Dh),
+                q_num_heads=H, kv_num_heads=H, scale=scale,
             )[0]
-            return y[0]
-        qh = q.view(C, H, Dh).transpose(0, 1)                      # [H, C, Dh]
-        p = torch.softmax(torch.matmul(qh, k.permute(1, 2, 0)), dim=-1)  # [H, C, n]
-        return torch.matmul(p, v.transpose(0, 1)).transpose(0, 1).reshape(C, H * Dh)
+            return y[0].view(C, H, Dh)
+        qh = q.transpose(0, 1)                                              # [H, C, Dh]
+        p = torch.softmax(torch.matmul(qh, k.permute(1, 2, 0)) * scale if scale != 1.0
+                          else torch.matmul(qh, k.permute(1, 2, 0)), dim=-1)  # [H, C, n]
+        return torch.matmul(p, v.transpose(0, 1)).transpose(0, 1)           # [C, H, Dh]
 
     def forward(self, *args: torch.Tensor):
         if self.n_layers:
             k, v, head_user, cand_item = args
         else:
             (head_user, cand_item), k, v = args, None, None
-        d = self.d
         z = self.z0.index_select(0, cand_item)
-        h = self.hz0.index_select(0, cand_item) + head_user
+        zn = None
         if self.n_layers:
-            q = self.q0.index_select(0, cand_item)
-            for i in range(self.n_layers):
-                if i:
-                    q = F.linear(F.layer_norm(z, (d,), self._p(i, "ln1_w"), self._p(i, "ln1_b"),
-                                              LN_EPS), self._p(i, "wq"), self._p(i, "bq"))
-                a = self._attend(q, k[i], v[i])
-                z = z + F.linear(a, self._p(i, "wo"), self._p(i, "bo"))
-                f = F.layer_norm(z, (d,), self._p(i, "ln2_w"), self._p(i, "ln2_b"), LN_EPS)
-                z = z + F.linear(F.gelu(F.linear(f, self._p(i, "w1"), self._p(i, "b1"))),
-                                 self._p(i, "w2"), self._p(i, "b2"))
-            h = h + F.linear(z, self.head_zn)
-        for i in range(self.n_rest):
-            h = F.linear(torch.relu(h), getattr(self, f"rest{i}_w"), getattr(self, f"rest{i}_b"))
-        logits = h.squeeze(-1)
+            zn = candidate_tower_ref(
+                z, [(k[i], v[i]) for i in range(self.n_layers)], self._layers(),
+                q0=self.q0.index_select(0, cand_item), scale=1.0, upcast=False,
+                attention=self._attend, eps=self.eps)
+        rest = [(getattr(self, f"rest{i}_w"), getattr(self, f"rest{i}_b"))
+                for i in range(self.n_rest)]
+        logits = head(zn, self.hz0.index_select(0, cand_item), head_user,
+                      self.head_zn if self.n_layers else None, rest, inplace=False)
         return torch.sigmoid(logits), logits
 
 
@@ -419,7 +422,7 @@ def export_engine(engine, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OP
     Same arguments as :func:`export_onnx`; returns the manifest (also written to
     ``out_dir/manifest.json``).
     """
-    from srp4ctr.train.checkpoint import atomic_write_dir
+    from srp4ctr._files import atomic_write_dir
 
     opset = _check_opset(opset)
     variant = _resolve_attention(attention, opset)

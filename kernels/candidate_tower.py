@@ -58,29 +58,29 @@ def _needs_grad(z, k, v, params) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in (z, k, v, *params))
 
 
-def _composed_layer(z, k, v, params, q_offsets, kv_offsets):
+def _composed_layer(z, k, v, params, q_offsets, kv_offsets, eps):
     """Wide models: torch linear layers around the Triton attention kernel (still no K/V copies)."""
     from ._triton.candidate_attention import candidate_attention_fwd
 
     n, d = z.shape
     p = params.to(z.dtype)
-    h = F.layer_norm(z, (d,), p.ln1_w, p.ln1_b, eps=LAYER_NORM_EPS)
+    h = F.layer_norm(z, (d,), p.ln1_w, p.ln1_b, eps=eps)
     q = F.linear(h, p.wq, p.bq).view(n, k.shape[1], k.shape[2])
     a = candidate_attention_fwd(q, k, v, q_offsets, kv_offsets, k.shape[2] ** -0.5)
     z = z + F.linear(a.view(n, d), p.wo, p.bo)
-    h = F.layer_norm(z, (d,), p.ln2_w, p.ln2_b, eps=LAYER_NORM_EPS)
+    h = F.layer_norm(z, (d,), p.ln2_w, p.ln2_b, eps=eps)
     return z + F.linear(F.gelu(F.linear(h, p.w1, p.b1)), p.w2, p.b2)
 
 
-def _layer(z, k, v, params, q_offsets, kv_offsets, chosen: Backend) -> torch.Tensor:
+def _layer(z, k, v, params, q_offsets, kv_offsets, chosen: Backend, eps: float) -> torch.Tensor:
     if chosen is Backend.TORCH:
-        return candidate_tower_layer_ref(z, k, v, params, q_offsets, kv_offsets)
+        return candidate_tower_layer_ref(z, k, v, params, q_offsets, kv_offsets, eps=eps)
     check.check_triton_head_dim(OP, k.shape[2])
     if z.shape[1] > MAX_FUSED_D_MODEL:
-        return _composed_layer(z, k, v, params, q_offsets, kv_offsets)
+        return _composed_layer(z, k, v, params, q_offsets, kv_offsets, eps)
     from ._triton.candidate_tower import candidate_tower_layer_fwd
 
-    return candidate_tower_layer_fwd(z, k, v, params, q_offsets, kv_offsets, LAYER_NORM_EPS)
+    return candidate_tower_layer_fwd(z, k, v, params, q_offsets, kv_offsets, eps)
 
 
 def candidate_tower_layer(
@@ -93,10 +93,11 @@ def candidate_tower_layer(
     *,
     backend: Backend | str | None = None,
     validate: bool = True,
+    eps: float = LAYER_NORM_EPS,
 ) -> torch.Tensor:
     """One candidate-tower layer, fused into a single Triton launch for d <= 256.
 
-    Computes, with exact (erf) GELU and LayerNorm eps 1e-5::
+    Computes, with exact (erf) GELU and LayerNorm epsilon ``eps`` (default 1e-5)::
 
         q = LN1(z) @ wq.T + bq                        # viewed [Nq, H, Dh]
         z = z + candidate_attention(q, k, v) @ wo.T + bo
@@ -110,6 +111,7 @@ def candidate_tower_layer(
         q_offsets, kv_offsets: int64 [B+1] as in :func:`candidate_attention`; None: one user.
         backend: ``"triton"`` or ``"torch"`` for this call; default the process-wide backend.
         validate: check the offsets' values (a device synchronisation on GPU).
+        eps: the LayerNorm epsilon (the model's own; the engine passes it).
 
     Returns:
         [Nq, d] in z's dtype.
@@ -126,7 +128,7 @@ def candidate_tower_layer(
     """
     _check_layer(OP, z, k, v, params, q_offsets, kv_offsets, validate)
     chosen = select(backend, z.device, _needs_grad(z, k, v, params), OP)
-    return _layer(z, k, v, params, q_offsets, kv_offsets, chosen)
+    return _layer(z, k, v, params, q_offsets, kv_offsets, chosen, eps)
 
 
 def candidate_tower(
@@ -138,6 +140,7 @@ def candidate_tower(
     *,
     backend: Backend | str | None = None,
     validate: bool = True,
+    eps: float = LAYER_NORM_EPS,
 ) -> torch.Tensor:
     """The whole candidate tower: :func:`candidate_tower_layer` for each layer, in order.
 
@@ -145,8 +148,8 @@ def candidate_tower(
         z: [Nq, d] the candidates' initial states z^0.
         kv_per_layer: one (k, v) pair per layer, each [Nkv, H, Dh], same users and offsets.
         params_per_layer: one :class:`TowerLayerParams` per layer.
-        q_offsets, kv_offsets, backend, validate: as in :func:`candidate_tower_layer`; inputs are
-            checked once, the backend chosen once, for the whole stack.
+        q_offsets, kv_offsets, backend, validate, eps: as in :func:`candidate_tower_layer`;
+            inputs are checked once, the backend chosen once, for the whole stack.
 
     Returns:
         [Nq, d] the final states z^n, in z's dtype.
@@ -168,5 +171,5 @@ def candidate_tower(
     )
     chosen = select(backend, z.device, needs_grad, op)
     for (k, v), params in zip(kv_per_layer, params_per_layer):
-        z = _layer(z, k, v, params, q_offsets, kv_offsets, chosen)
+        z = _layer(z, k, v, params, q_offsets, kv_offsets, chosen, eps)
     return z

@@ -23,10 +23,11 @@ def query_pool(
     backend: Backend | str | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
-    """``softmax(queries k_b^T * scale) v_b`` for every user b, all users in one launch.
+    """``softmax(queries_b k_b^T * scale) v_b`` for every user b, all users in one launch.
 
     Args:
-        queries: [M, H, Dh], the same M queries for every user.
+        queries: [M, H, Dh], the same M queries for every user, or [B, M, H, Dh], each user's own
+            (B = the number of users of the offsets).
         k, v: [Nkv, H, Dh], the users' keys and values one after another (read once per user).
         kv_offsets: int64 [B+1]; user b owns rows kv_offsets[b]:kv_offsets[b+1]. None: one user.
         scale: default 1/sqrt(Dh).
@@ -48,17 +49,22 @@ def query_pool(
         >>> query_pool(qs, k, v, torch.tensor([0, 5, 9]), backend="torch").shape
         torch.Size([2, 4, 2, 16])
     """
-    check.check_float(OP, "queries", queries, 3)
+    per_user = isinstance(queries, torch.Tensor) and queries.dim() == 4
+    check.check_float(OP, "queries", queries, 4 if per_user else 3)
     check.check_kv(OP, k, v)
     check.check_same(OP, {"queries": queries, "k": k, "v": v})
-    if queries.shape[1:] != k.shape[1:]:
+    if queries.shape[-2:] != k.shape[1:]:
         raise InputError(
-            f"{OP}: queries are [M, H, Dh] = {tuple(queries.shape)} but k/v are "
-            f"{tuple(k.shape)}; H and Dh must match"
+            f"{OP}: queries are [{'B, ' if per_user else ''}M, H, Dh] = {tuple(queries.shape)} "
+            f"but k/v are {tuple(k.shape)}; H and Dh must match"
         )
     if kv_offsets is not None:
         check.check_offsets(OP, "kv_offsets", kv_offsets, k.shape[0], k.device, validate)
-    scale = check.check_scale(OP, scale, queries.shape[2])
+    n_users = 1 if kv_offsets is None else kv_offsets.shape[0] - 1
+    if per_user and queries.shape[0] != n_users:
+        raise InputError(f"{OP}: per-user queries for {queries.shape[0]} users but the offsets "
+                         f"hold {n_users}")
+    scale = check.check_scale(OP, scale, queries.shape[-1])
 
     needs_grad = torch.is_grad_enabled() and (
         queries.requires_grad or k.requires_grad or v.requires_grad
@@ -66,7 +72,7 @@ def query_pool(
     if select(backend, queries.device, needs_grad, OP) is Backend.TORCH:
         return query_pool_ref(queries, k, v, kv_offsets, scale)
 
-    check.check_triton_head_dim(OP, queries.shape[2])
+    check.check_triton_head_dim(OP, queries.shape[-1])
     from ._triton.query_pool import query_pool_fwd
 
     return query_pool_fwd(queries, k, v, kv_offsets, scale)

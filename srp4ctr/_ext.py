@@ -2,12 +2,11 @@
 
 The import is attempted once; a failure is kept (not raised) so the package works without the
 extension, and :func:`warn_fallback` tells the user once per process that scoring falls back to
-torch. ``SRP4CTR_DISABLE_CPP=1`` makes the extension count as unavailable (tests, debugging).
+torch. (To score without it on purpose, ask the engine for ``backend="torch"``.)
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 from types import ModuleType
@@ -27,15 +26,12 @@ def extension() -> ModuleType | None:
     with _lock:
         if not _loaded:
             _loaded = True
-            if os.environ.get("SRP4CTR_DISABLE_CPP", "0") not in ("", "0"):
-                _error = "disabled by SRP4CTR_DISABLE_CPP"
+            try:
+                from srp4ctr import _C
+            except ImportError as e:  # not built, or built for another Python / platform
+                _error = f"srp4ctr._C could not be imported ({e})"
             else:
-                try:
-                    from srp4ctr import _C
-                except ImportError as e:  # not built, or built for another Python / platform
-                    _error = f"srp4ctr._C could not be imported ({e})"
-                else:
-                    _module = _C
+                _module = _C
         return _module
 
 

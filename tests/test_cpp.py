@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from srp4ctr import _ext
-from srp4ctr.engine.backends import CppBackend, TorchBackend
+from srp4ctr.engine.backends import BackendOptions, CppBackend, TorchBackend
 from srp4ctr.engine.cache import UserCache
 from srp4ctr.engine.folded import FoldedModel
 from srp4ctr.models import SRP4CTR, ModelConfig
@@ -68,18 +68,9 @@ def make_cache(fm: FoldedModel, n: int, seed: int, dtype=torch.float32) -> UserC
                      torch.randn(fm.h1, generator=g).to(dtype), fingerprint="test")
 
 
-def backend(fm: FoldedModel, isa: str, monkeypatch=None, threads: int | None = None):
-    old = os.environ.get("SRP4CTR_CPP_ISA")
-    os.environ["SRP4CTR_CPP_ISA"] = isa
-    try:
-        b = CppBackend(fm)
-    finally:
-        if old is None:
-            os.environ.pop("SRP4CTR_CPP_ISA")
-        else:
-            os.environ["SRP4CTR_CPP_ISA"] = old
+def backend(fm: FoldedModel, isa: str, threads: int | None = None, tile: int = 48):
+    b = CppBackend(fm, BackendOptions(isa=isa, threads=threads, tile=tile))
     assert b.describe()["isa"] == isa
-    b.threads = threads
     return b
 
 
@@ -210,12 +201,10 @@ def test_tile_sizes(tile):
     with torch.no_grad():
         want = probs(TorchBackend(f32).score_one(c, ids))
     for isa in ISAS:
-        b = backend(f32, isa, threads=2)
-        b.tile = tile
+        b = backend(f32, isa, threads=2, tile=tile)
         assert_close(probs(b.score_one(c, ids)), want, ATOL, f"fp32 {isa} tile={tile}")
     for isa in BF16_ISAS:
-        b = backend(b16, isa, threads=2)
-        b.tile = tile
+        b = backend(b16, isa, threads=2, tile=tile)
         assert_close(probs(b.score_one(c16, ids)), want, BF16_ATOL, f"bf16 {isa} tile={tile}")
 
 
@@ -260,23 +249,23 @@ def test_extension_checks_its_inputs():
     with pytest.raises((IndexError, ValueError), match="outside the tables"):
         b.score_one(c, torch.tensor([0, fm.n_item_ids]))
     with pytest.raises(ValueError, match="d_model"):
-        ext.Tower(10, 3, [], None, [], 8, "fp32", "auto")
+        ext.Tower(10, 3, [], None, [], 8, "fp32", "auto", 1e-5)
     with pytest.raises(ValueError, match="precision"):
-        ext.Tower(16, 2, [], None, [], 8, "fp16", "auto")
+        ext.Tower(16, 2, [], None, [], 8, "fp16", "auto", 1e-5)
     with pytest.raises(ValueError, match="one output"):
-        ext.Tower(16, 2, [], None, [], 8, "fp32", "auto")  # head without a final 1-wide layer
+        ext.Tower(16, 2, [], None, [], 8, "fp32", "auto", 1e-5)  # head without a final 1-wide layer
     layer = {k: v.detach().float().numpy() for k, v in zip(fm.layers[0]._fields, fm.layers[0])}
     layer["w1"] = layer["w1"][:, :5]
     with pytest.raises(ValueError, match="w1"):
         ext.Tower(16, 2, [layer], fm.head_zn.numpy(), [(w.numpy(), bb.numpy()) for w, bb in fm.rest],
-                  fm.h1, "fp32", "auto")
+                  fm.h1, "fp32", "auto", 1e-5)
     with pytest.raises(ValueError, match="isa must be"):
-        ext.Tower(16, 2, [], None, [], 8, "fp32", "sse")
+        ext.Tower(16, 2, [], None, [], 8, "fp32", "sse", 1e-5)
     with pytest.raises(ValueError, match="bf16"):
-        ext.Tower(16, 2, [], None, [], 8, "fp32", "amx")  # AMX here is a bf16 path only
+        ext.Tower(16, 2, [], None, [], 8, "fp32", "amx", 1e-5)  # AMX here is a bf16 path only
     if not FEATURES["amx_bf16"]:
         with pytest.raises(RuntimeError, match="AMX"):
-            ext.Tower(16, 2, [], None, [], 8, "bf16", "amx")
+            ext.Tower(16, 2, [], None, [], 8, "bf16", "amx", 1e-5)
     f16 = FoldedModel(m, torch.float16, torch.device("cpu"))
     from srp4ctr.kernels import BackendUnavailableError
 
@@ -327,3 +316,35 @@ def test_scoring_works_in_a_forked_child():
     got = np.frombuffer(b"".join(chunks), dtype=np.float32)
     assert np.array_equal(got, want.numpy())
     assert torch.equal(b.score_one(cache, ids), want)  # and the parent's pool still works
+
+
+def test_type_stub_matches_the_extension():
+    """srp4ctr/_C.pyi names every class, method and parameter the built extension has."""
+    import ast
+    import re
+    from pathlib import Path
+
+    ext = _ext.extension()
+    stub = ast.parse((Path(__file__).resolve().parents[1] / "srp4ctr" / "_C.pyi").read_text())
+    seen = set()
+    for node in stub.body:
+        if isinstance(node, ast.ClassDef):
+            cls = getattr(ext, node.name)
+            for fn in node.body:
+                if not isinstance(fn, ast.FunctionDef):
+                    continue
+                seen.add(f"{node.name}.{fn.name}")
+                doc = getattr(cls, fn.name).__doc__ or ""
+                if any(isinstance(d, ast.Name) and d.id == "property" for d in fn.decorator_list):
+                    continue
+                want = [a.arg for a in fn.args.args[1:]]
+                sig = doc.splitlines()[0]
+                got = re.findall(r"(\w+): ", sig.split("(", 1)[1])[1:]  # after self
+                assert got == want, f"{node.name}.{fn.name}: extension {got}, stub {want}"
+        elif isinstance(node, ast.FunctionDef):
+            seen.add(node.name)
+            assert callable(getattr(ext, node.name))
+    public = {f"{c}.{m}" for c in ("Tower", "UserEncoder")
+              for m in dir(getattr(ext, c)) if not m.startswith("_")}
+    public |= {"Tower.__init__", "UserEncoder.__init__", "cpu_features"}
+    assert public <= seen, f"missing from the stub: {sorted(public - seen)}"

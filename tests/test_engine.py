@@ -27,6 +27,7 @@ from train_fixtures import (
 from srp4ctr import _ext, data
 from srp4ctr.data.samples import CTRDataset
 from srp4ctr.engine import BackendUnavailableError, Engine, History, UserCache
+from srp4ctr.engine.inputs import model_batch
 from srp4ctr.errors import CacheError, CheckpointError, InputError, UnknownItemError
 from srp4ctr.models import FGBERT, SRP4CTR, ModelConfig, ModelSpec, build_model
 from srp4ctr.train import TrainConfig, finetune, load_model
@@ -600,7 +601,7 @@ def test_user_kv_is_never_copied_per_candidate(engine, model, tiny, caches):
     cache = caches[0]
     C = 2000
     cands = np.random.default_rng(5).integers(1, 61, size=C)
-    one_kv_copy = C * cache.length * engine.config.d_model * 4
+    one_kv_copy = C * cache.length * engine.model_config.d_model * 4
 
     def largest_allocation(fn) -> int:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -610,7 +611,8 @@ def test_user_kv_is_never_copied_per_candidate(engine, model, tiny, caches):
     big = Engine.load(engine.checkpoint, dataset=tiny, chunk_size=C)  # one chunk
     assert largest_allocation(lambda: big.score(cache, cands)) < one_kv_copy
 
-    batch = big._batch([tiny.encode_user_history(raw_history(tiny, 1), max_len=16)])
+    batch = model_batch(big.dataset, [tiny.encode_user_history(raw_history(tiny, 1), max_len=16)],
+                        big.device)
     with torch.no_grad():
         state = model.encode_users(batch)
         ids = torch.as_tensor(tiny.encode_items(cands))
@@ -668,7 +670,7 @@ def test_overlapping_calls_restore_each_threads_count(ckpt, tiny, side):
     """Two threads inside the user side at once (forced): each gets its own count back."""
     eng = Engine.load(ckpt, dataset=tiny, user_threads=1, user_side=side)
     inside, both_in, release = threading.Barrier(2), threading.Event(), threading.Event()
-    target = eng._user_encoder if side == "cpp" else eng.model
+    target = eng._user_side if side == "cpp" else eng.model
     name = "encode_one" if side == "cpp" else "encode_users"
     real = getattr(target, name)
 
@@ -751,18 +753,6 @@ CPP_ISAS = ["generic"] + (["avx512"] if _ext.extension() is not None
                           and _ext.extension().cpu_features()["avx512"] else [])
 
 
-def _with_isa(isa: str, make):
-    old = os.environ.get("SRP4CTR_CPP_ISA")
-    os.environ["SRP4CTR_CPP_ISA"] = isa
-    try:
-        return make()
-    finally:
-        if old is None:
-            os.environ.pop("SRP4CTR_CPP_ISA")
-        else:
-            os.environ["SRP4CTR_CPP_ISA"] = old
-
-
 def _assert_same_cache(a: UserCache, b: UserCache, atol: float = ATOL):
     assert a.length == b.length and a.k.shape == b.k.shape
     for name in ("k", "v", "head_user", "qtokens"):
@@ -787,10 +777,10 @@ def test_cpp_user_side_equals_torch(tiny, isa, d_heads, layers, queries, blocks,
                          "n_queries": queries, "qformer_blocks": blocks,
                          "use_qformer": qformer, "qformer_user_offset": offset})
     m = perturbed(SRP4CTR(ModelSpec.from_dataset(tiny), cfg), seed=seed + 1, scale=0.2)
-    cpp = _with_isa(isa, lambda: Engine.from_model(m, tiny, backend="cpp", user_side="cpp"))
+    cpp = Engine.from_model(m, tiny, backend="cpp", user_side="cpp", isa=isa)
     ref = Engine.from_model(m, tiny, backend="cpp", user_side="torch")
     assert cpp.user_side == "cpp" and ref.user_side == "torch"
-    assert cpp._user_encoder.isa == isa
+    assert cpp._user_side.isa == isa
     hs = [raw_history(tiny, u) for u in (1 + seed % 7, 12)]
     hs += [{"item_id": [], "rating": [], "timestamp": []},          # empty history
            {**raw_history(tiny, 3), "item_id": raw_history(tiny, 3)["item_id"][:1],
@@ -825,12 +815,12 @@ def test_cpp_user_side_choice(tiny, ckpt):
 def test_cpp_user_side_long_history_threads(tiny):
     """A history long enough for the encoder to split its rows over threads (n >= 384): the
     same result on 1 and 3 threads, bit for bit, and equal to the torch layers."""
-    from srp4ctr.engine.backends import CppUserEncoder
+    from srp4ctr.engine.backends import CppUserSide
 
     torch.manual_seed(5)
     cfg = ModelConfig(**{**TINY, "max_len": 512})
     m = perturbed(SRP4CTR(ModelSpec.from_dataset(tiny), cfg), seed=6, scale=0.2)
-    enc = CppUserEncoder(m)
+    enc = CppUserSide(m)
     n, d = 450, cfg.d_model
     x = torch.randn(n, d, generator=torch.Generator().manual_seed(0))
     q = m.qformer.queries.detach().contiguous().numpy()

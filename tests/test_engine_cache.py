@@ -39,7 +39,7 @@ def cache(engine, tiny):
 
 # ----------------------------------------------------------------------------- layout
 def test_layout(engine, cache):
-    cfg = engine.config
+    cfg = engine.model_config
     assert cache.k.shape == (cfg.n_layers, cache.length, cfg.n_heads, cfg.d_model // cfg.n_heads)
     assert cache.v.shape == cache.k.shape
     assert cache.head_user.shape == (cfg.head_hidden[0],)
@@ -72,7 +72,7 @@ def test_cache_k_v_are_the_models(engine, tiny, side):
     def same(a, b):
         return torch.equal(a, b) if side == "torch" else torch.allclose(a, b, rtol=0, atol=1e-5)
 
-    for layer in range(engine.config.n_layers):
+    for layer in range(engine.model_config.n_layers):
         assert same(cache.k[layer], state.k[layer][0, :n])
         assert same(cache.v[layer], state.v[layer][0, :n])
     assert same(cache.head_user, state.head_user[0])
@@ -95,7 +95,7 @@ def test_constructor_checks():
 def test_save_load_round_trip(engine, cache, tmp_path):
     path = cache.save(tmp_path / "u2.safetensors")
     assert not list(tmp_path.glob(".*tmp"))  # the temporary file was renamed into place
-    back = UserCache.load(path, engine)
+    back = engine.load_cache(path)
     for name, t in cache.tensors().items():
         assert torch.equal(back.tensors()[name], t)
     assert back.fingerprint == cache.fingerprint and back.user_id == cache.user_id
@@ -109,7 +109,7 @@ def test_save_load_round_trip(engine, cache, tmp_path):
 
 def test_empty_history_round_trip(engine, tmp_path):
     c = engine.encode_user({"item_id": [], "rating": [], "timestamp": []})
-    back = UserCache.load(c.save(tmp_path / "empty.safetensors"), engine)
+    back = engine.load_cache(c.save(tmp_path / "empty.safetensors"))
     assert back.length == 0
     assert torch.equal(engine.score(back, [1, 2]), engine.score(c, [1, 2]))
 
@@ -118,10 +118,10 @@ def test_load_refuses_another_model(tiny, cache, tmp_path):
     other = _engine(tiny, 1)
     path = cache.save(tmp_path / "c.safetensors")
     with pytest.raises(CacheError, match="another|encode the user again"):
-        UserCache.load(path, other)
+        other.load_cache(path)
     bf = _engine(tiny, 0, dtype=torch.bfloat16)
     with pytest.raises(CacheError, match="dtype"):
-        UserCache.load(path, bf)
+        bf.load_cache(path)
 
 
 @pytest.mark.parametrize("cut", [8, 100, -4])
@@ -130,7 +130,7 @@ def test_load_refuses_truncated_files(engine, cache, tmp_path, cut):
     blob = path.read_bytes()
     path.write_bytes(blob[:cut])
     with pytest.raises(CacheError):
-        UserCache.load(path, engine)
+        engine.load_cache(path)
 
 
 def test_load_refuses_altered_bytes(engine, cache, tmp_path):
@@ -139,7 +139,7 @@ def test_load_refuses_altered_bytes(engine, cache, tmp_path):
     blob[-3] ^= 0x40  # a bit of the last tensor's data
     path.write_bytes(bytes(blob))
     with pytest.raises(CacheError, match="sha256|corrupt"):
-        UserCache.load(path, engine)
+        engine.load_cache(path)
 
 
 def test_load_refuses_nan_and_foreign_files(engine, cache, tmp_path):
@@ -153,7 +153,7 @@ def test_load_refuses_nan_and_foreign_files(engine, cache, tmp_path):
     save_file({n: t.contiguous() for n, t in bad.tensors().items()},
               str(tmp_path / "nan.safetensors"), metadata=meta)
     with pytest.raises(CacheError, match="NaN"):
-        UserCache.load(tmp_path / "nan.safetensors", engine)  # ... and when reading
+        engine.load_cache(tmp_path / "nan.safetensors")  # ... and when reading
     save_file({"x": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(CacheError, match="not a srp4ctr user cache"):
         UserCache.load(tmp_path / "other.safetensors")

@@ -50,7 +50,8 @@ def _check(engine, model, tiny, device):
 @pytest.mark.interpreter
 def test_triton_backend_equals_training_forward_interpreter(tiny, model):
     engine = Engine.from_model(model, tiny, backend="triton")
-    assert engine.backend == "triton"
+    assert engine.backend == "triton" and engine.user_side == "triton"  # query_pool Q-Former
+    assert engine.folded.q0 is None  # the kernel computes the first query itself
     _check(engine, model, tiny, "cpu")
     # chunked scoring runs the kernels chunk by chunk with the same results
     small = Engine.from_model(model, tiny, backend="triton", chunk_size=16)
@@ -73,5 +74,5 @@ def test_auto_backend_on_cpu_is_not_triton(tiny, model):
 @pytest.mark.gpu
 def test_triton_backend_equals_training_forward_gpu(tiny, model):
     engine = Engine.from_model(copy.deepcopy(model), tiny, device="cuda")  # moves its model
-    assert engine.backend == "triton"
+    assert engine.backend == "triton" and engine.user_side == "triton"
     _check(engine, model, tiny, "cuda")

@@ -53,13 +53,31 @@ def test_reference_without_offsets_is_one_user():
     torch.testing.assert_close(got[0], candidate_attention_ref(queries, k, v))
 
 
+def test_reference_with_per_user_queries_is_each_users_own_pooling():
+    """[B, M, H, Dh] queries: user b's rows are query_pool of its own queries over its states."""
+    kv_lens = [5, 0, 9, 1]
+    _, k, v, ko = make_problem(3, kv_lens, 2, 16, torch.float64)
+    queries = torch.randn(len(kv_lens), 3, 2, 16, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(3))
+    got = query_pool_ref(queries, k, v, ko)
+    for b in range(len(kv_lens)):
+        kb, ke = int(ko[b]), int(ko[b + 1])
+        torch.testing.assert_close(got[b], query_pool_ref(queries[b], k[kb:ke], v[kb:ke])[0])
+    assert (got[1] == 0).all()
+
+
 # ------------------------------------------------------------------- Triton through the interpreter
 
 
-def check_against_reference(n_queries, kv_lens, heads, head_dim, dtype, device, seed, jagged=True):
+def check_against_reference(n_queries, kv_lens, heads, head_dim, dtype, device, seed, jagged=True,
+                            per_user=False):
     queries, k, v, ko = make_problem(
         n_queries, kv_lens, heads, head_dim, dtype, device, seed, jagged
     )
+    if per_user:  # each user's own queries (a Q-Former offset by user features)
+        g = torch.Generator().manual_seed(seed + 7)
+        queries = torch.randn(len(kv_lens), *queries.shape, generator=g).to(device=device,
+                                                                            dtype=dtype)
     got = query_pool(queries, k, v, ko, backend="triton")
     want = query_pool_ref(queries, k, v, ko)
     assert got.dtype == dtype and got.shape == want.shape
@@ -80,12 +98,15 @@ def check_against_reference(n_queries, kv_lens, heads, head_dim, dtype, device, 
     heads=st.sampled_from([1, 2, 4]),
     head_dim=st.sampled_from(HEAD_DIMS + ODD_HEAD_DIMS),
     jagged=st.booleans(),
+    per_user=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_triton_matches_reference(dtype, n_queries, kv_lens, heads, head_dim, jagged, seed):
+def test_triton_matches_reference(dtype, n_queries, kv_lens, heads, head_dim, jagged, per_user,
+                                  seed):
     if not jagged:
         kv_lens = [max(sum(kv_lens), 1)]
-    check_against_reference(n_queries, kv_lens, heads, head_dim, dtype, "cpu", seed, jagged)
+    check_against_reference(n_queries, kv_lens, heads, head_dim, dtype, "cpu", seed, jagged,
+                            per_user)
 
 
 @pytest.mark.interpreter
@@ -102,8 +123,10 @@ def test_triton_matches_reference(dtype, n_queries, kv_lens, heads, head_dim, ja
     ],
     ids=["1query-L1", "all-empty", "around-block", "two-query-tiles", "12-users-odd-Dh"],
 )
-def test_triton_edge_cases(dtype, n_queries, kv_lens, heads, head_dim):
-    check_against_reference(n_queries, kv_lens, heads, head_dim, dtype, "cpu", seed=2)
+@pytest.mark.parametrize("per_user", [False, True], ids=["shared", "per-user"])
+def test_triton_edge_cases(dtype, n_queries, kv_lens, heads, head_dim, per_user):
+    check_against_reference(n_queries, kv_lens, heads, head_dim, dtype, "cpu", seed=2,
+                            per_user=per_user)
 
 
 @pytest.mark.interpreter
@@ -128,10 +151,12 @@ def test_triton_refuses_autograd():
     kv_lens=st.lists(st.integers(0, 1100), min_size=1, max_size=16),
     heads=st.sampled_from([1, 2, 4]),
     head_dim=st.sampled_from(HEAD_DIMS + ODD_HEAD_DIMS),
+    per_user=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_gpu_matches_reference(dtype, n_queries, kv_lens, heads, head_dim, seed):
-    check_against_reference(n_queries, kv_lens, heads, head_dim, dtype, "cuda", seed)
+def test_gpu_matches_reference(dtype, n_queries, kv_lens, heads, head_dim, per_user, seed):
+    check_against_reference(n_queries, kv_lens, heads, head_dim, dtype, "cuda", seed,
+                            per_user=per_user)
 
 
 # ---------------------------------------------------------------------------- input validation
@@ -149,3 +174,5 @@ def test_validation_errors():
         query_pool(queries, k, v, ko.int(), backend="torch")
     with pytest.raises(InputError, match="share one dtype"):
         query_pool(queries.half(), k, v, ko, backend="torch")
+    with pytest.raises(InputError, match="per-user queries for 3 users"):
+        query_pool(queries.expand(3, -1, -1, -1), k, v, ko, backend="torch")

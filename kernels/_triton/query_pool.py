@@ -1,4 +1,5 @@
-"""Triton kernel for Q-Former query pooling: M shared queries attend to each user's states.
+"""Triton kernel for Q-Former query pooling: M queries (shared, or each user's) attend to each
+user's states.
 
 The operation is memory-bound (intensity ~M FLOP/byte), so the only thing that matters is reading
 each user's K/V exactly once: one program per (user, head[, query tile]) holds all the queries of
@@ -78,6 +79,7 @@ def _query_pool_fwd_kernel(
     n_queries,
     n_kv,
     qk_scale,
+    stride_qb,
     stride_qm,
     stride_qh,
     stride_qd,
@@ -117,7 +119,7 @@ def _query_pool_fwd_kernel(
         io_mask = row_ok[:, None]
     else:
         io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q_ptrs = Qry + rows[:, None] * stride_qm + head * stride_qh + offs_d[None, :] * stride_qd
+    q_ptrs = Qry + user.to(tl.int64) * stride_qb + rows[:, None] * stride_qm + head * stride_qh + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=io_mask, other=0.0)  # (BLOCK_Q, BLOCK_D)
 
     k_base = K + kv_start * stride_kn + head * stride_kh
@@ -144,8 +146,9 @@ def query_pool_fwd(
     kv_offsets: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """Launch the kernel on validated inputs (see ``srp4ctr.kernels.query_pool``)."""
-    n_queries, heads, head_dim = queries.shape
+    """Launch the kernel on validated inputs (see ``srp4ctr.kernels.query_pool``); queries
+    [M, H, Dh] shared by every user (user stride 0) or [B, M, H, Dh]."""
+    n_queries, heads, head_dim = queries.shape[-3:]
     n_kv = k.shape[0]
     n_users = 1 if kv_offsets is None else kv_offsets.numel() - 1
     out = torch.empty(
@@ -163,7 +166,8 @@ def query_pool_fwd(
         n_queries=n_queries,
         n_kv=n_kv,
         qk_scale=scaled_log2(scale),
-        **strides("q", queries, "mhd"),
+        **(strides("q", queries, "bmhd") if queries.dim() == 4
+           else {"stride_qb": 0, **strides("q", queries, "mhd")}),
         **strides("k", k, "nhd"),
         **strides("v", v, "nhd"),
         **strides("o", out, "bmhd"),

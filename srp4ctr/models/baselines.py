@@ -24,6 +24,7 @@ from srp4ctr.models.layers import (
     TransformerLayer,
     UserFeatureEmbedding,
     emb_init_std,
+    layer_norm,
     masked_mean,
     recency_positions,
     valid_mask,
@@ -108,7 +109,7 @@ class BST(_CTRBase):
             TransformerLayer(d, config.n_heads, config.ffn_mult, config.dropout)
             for _ in range(config.n_layers)
         )
-        self.final_ln = nn.LayerNorm(d, eps=1e-5)
+        self.final_ln = layer_norm(d)
         self.head = MLP(3 * d + self.user_dim, config.head_hidden, 1, act="relu",
                         dropout=config.dropout)
 

@@ -35,7 +35,7 @@ offset each user has its own queries.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from srp4ctr.errors import InputError
+from srp4ctr.kernels import TowerLayerParams
+from srp4ctr.kernels.reference import candidate_tower_layer_ref
 from srp4ctr.models.fgbert import FGBERT
 from srp4ctr.models.layers import (
     MLP,
@@ -51,12 +53,17 @@ from srp4ctr.models.layers import (
     UserFeatureEmbedding,
     attend,
     emb_init_std,
+    layer_norm,
     masked_mean,
     valid_mask,
 )
 from srp4ctr.models.spec import ModelConfig, ModelSpec
 
-__all__ = ["SRP4CTR", "CTRHead", "CandidateLayer", "QFormer", "UserState", "check_encoder"]
+__all__ = ["SRP4CTR", "CTRHead", "CandidateLayer", "CrossAttend", "QFormer", "UserState",
+           "check_encoder"]
+
+#: ``cross_attend(attn: MultiHeadAttention, x [B, M, d], hidden [B, L, d]) -> [B, M, d]``
+CrossAttend = Callable[[MultiHeadAttention, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -123,10 +130,10 @@ class CandidateLayer(nn.Module):
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
-        self.ln1 = nn.LayerNorm(d_model, eps=1e-5)
+        self.ln1 = layer_norm(d_model)
         self.wq = nn.Linear(d_model, d_model)
         self.wo = nn.Linear(d_model, d_model)
-        self.ln2 = nn.LayerNorm(d_model, eps=1e-5)
+        self.ln2 = layer_norm(d_model)
         self.w1 = nn.Linear(d_model, ffn_mult * d_model)
         self.w2 = nn.Linear(ffn_mult * d_model, d_model)
         self.drop = nn.Dropout(dropout)
@@ -167,14 +174,11 @@ class CandidateLayer(nn.Module):
 
     def forward_one_user(self, z: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """z [C, d] candidates of one user; k, v [n, H, Dh] that user's real K/V rows (n may be
-        0). Attention is [C, H, Dh] x [n, H, Dh] without copying K/V."""
-        q = self.query(z)
-        if k.shape[0] == 0:
-            a = q.new_zeros(q.shape[0], q.shape[1] * q.shape[2])
-        else:
-            s = torch.einsum("chd,lhd->hcl", q, k) * (self.head_dim ** -0.5)
-            a = torch.einsum("hcl,lhd->chd", s.softmax(-1), v).flatten(1)
-        return self.finish(z, a)
+        0). The eager folded path: the kernels' torch reference layer
+        (:func:`~srp4ctr.kernels.reference.candidate_tower_layer_ref`), attention
+        ``[C, H, Dh] x [n, H, Dh]`` without copying K/V. Inference only: dropout is not applied."""
+        return candidate_tower_layer_ref(z, k, v, TowerLayerParams(*self.tower_params()),
+                                         upcast=False, eps=self.ln1.eps)
 
 
 class QFormerBlock(nn.Module):
@@ -182,18 +186,23 @@ class QFormerBlock(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, ffn_mult: int, dropout: float):
         super().__init__()
-        self.ln1 = nn.LayerNorm(d_model, eps=1e-5)
+        self.ln1 = layer_norm(d_model)
         self.self_attn = MultiHeadAttention(d_model, n_heads)
-        self.ln2 = nn.LayerNorm(d_model, eps=1e-5)
+        self.ln2 = layer_norm(d_model)
         self.cross_attn = MultiHeadAttention(d_model, n_heads)
-        self.ln3 = nn.LayerNorm(d_model, eps=1e-5)
+        self.ln3 = layer_norm(d_model)
         self.ffn = FeedForward(d_model, ffn_mult)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, q: torch.Tensor, hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, hidden: torch.Tensor, valid: torch.Tensor,
+                cross_attend: CrossAttend | None = None) -> torch.Tensor:
         h = self.ln1(q)
         q = q + self.drop(self.self_attn(h, h, None))
-        q = q + self.drop(self.cross_attn(self.ln2(q), hidden, valid))
+        if cross_attend is None:
+            c = self.cross_attn(self.ln2(q), hidden, valid)
+        else:
+            c = cross_attend(self.cross_attn, self.ln2(q), hidden)
+        q = q + self.drop(c)
         return q + self.drop(self.ffn(self.ln3(q)))
 
 
@@ -211,16 +220,20 @@ class QFormer(nn.Module):
         self.blocks = nn.ModuleList(
             QFormerBlock(d_model, n_heads, ffn_mult, dropout) for _ in range(n_blocks)
         )
-        self.ln = nn.LayerNorm(d_model, eps=1e-5)
+        self.ln = layer_norm(d_model)
 
     def forward(self, hidden: torch.Tensor, valid: torch.Tensor,
-                offset: torch.Tensor | None = None) -> torch.Tensor:
+                offset: torch.Tensor | None = None,
+                cross_attend: CrossAttend | None = None) -> torch.Tensor:
+        """``cross_attend(attn, x [B, M, d], hidden [B, L, d]) -> [B, M, d]`` replaces each
+        block's ``attn(x, hidden, valid)`` (the serving engine runs it on the ``query_pool``
+        kernel over the real positions); None: the module's own attention."""
         B = hidden.shape[0]
         q = self.queries.unsqueeze(0).expand(B, -1, -1)
         if offset is not None:
             q = q + offset
         for blk in self.blocks:
-            q = blk(q, hidden, valid)
+            q = blk(q, hidden, valid, cross_attend)
         return self.ln(q)
 
 
@@ -313,7 +326,9 @@ class SRP4CTR(nn.Module):
         return self
 
     # ------------------------------------------------------------------ user side
-    def encode_users(self, batch: Mapping[str, torch.Tensor]) -> UserState:
+    def encode_users(self, batch: Mapping[str, torch.Tensor],
+                     cross_attend: CrossAttend | None = None) -> UserState:
+        """The user side of B users; ``cross_attend`` as in :meth:`QFormer.forward`."""
         cfg = self.config
         with torch.set_grad_enabled(torch.is_grad_enabled() and not cfg.freeze_encoder):
             if cfg.use_xattn:
@@ -322,7 +337,7 @@ class SRP4CTR(nn.Module):
                 hidden, kv = self.encoder.encode(batch), []
         hist_len = batch["hist_len"]
         valid = valid_mask(hist_len, hidden.shape[1])
-        pooled, qtokens, head_user = self.summarise_user(hidden, valid, batch)
+        pooled, qtokens, head_user = self.summarise_user(hidden, valid, batch, cross_attend)
         return UserState(
             k=tuple(k for k, _ in kv),
             v=tuple(v for _, v in kv),
@@ -333,7 +348,8 @@ class SRP4CTR(nn.Module):
         )
 
     def summarise_user(
-        self, hidden: torch.Tensor, valid: torch.Tensor, batch: Mapping[str, torch.Tensor]
+        self, hidden: torch.Tensor, valid: torch.Tensor, batch: Mapping[str, torch.Tensor],
+        cross_attend: CrossAttend | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         """From the encoder's final states [B, L, d]: ``(pooled, qtokens, head_user)``.
 
@@ -354,7 +370,7 @@ class SRP4CTR(nn.Module):
                 offset = self.query_offset(self.user_emb(batch)).unflatten(
                     -1, (cfg.n_queries, cfg.d_model)
                 )
-            qtokens = self.qformer(hidden, valid, offset)
+            qtokens = self.qformer(hidden, valid, offset, cross_attend)
             user_parts.append(qtokens.flatten(1))
         user = torch.cat(user_parts, -1) if user_parts else None
         return pooled, qtokens, self.head.user_block(user, hidden.shape[0])

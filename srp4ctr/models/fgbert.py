@@ -36,6 +36,7 @@ from srp4ctr.models.layers import (
     FieldEmbedding,
     TransformerLayer,
     emb_init_std,
+    layer_norm,
     recency_positions,
     valid_mask,
 )
@@ -52,7 +53,7 @@ class PredictionHead(nn.Module):
     def __init__(self, d_model: int, vocab: int):
         super().__init__()
         self.dense = nn.Linear(d_model, d_model)
-        self.ln = nn.LayerNorm(d_model, eps=1e-5)
+        self.ln = layer_norm(d_model)
         self.bias = nn.Parameter(torch.zeros(vocab))
 
     def forward(self, h: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -81,7 +82,7 @@ class FGBERT(nn.Module):
             TransformerLayer(d, config.n_heads, config.ffn_mult, config.dropout)
             for _ in range(config.n_layers)
         )
-        self.final_ln = nn.LayerNorm(d, eps=1e-5)
+        self.final_ln = layer_norm(d)
         groups = self.embeddings.item_group + self.embeddings.behaviour_group
         self.mask_emb = nn.ParameterDict(
             {f: nn.Parameter(torch.randn(d) * emb_init_std(d)) for f in groups}

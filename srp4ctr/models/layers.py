@@ -17,6 +17,7 @@ from torch import nn
 from srp4ctr.models.spec import ModelConfig, ModelSpec
 
 __all__ = [
+    "LAYER_NORM_EPS",
     "MLP",
     "FeedForward",
     "FieldEmbedding",
@@ -25,10 +26,20 @@ __all__ = [
     "UserFeatureEmbedding",
     "attend",
     "emb_init_std",
+    "layer_norm",
     "masked_mean",
     "recency_positions",
     "valid_mask",
 ]
+
+
+#: the epsilon of every LayerNorm of the models; serving reads it back from the modules
+LAYER_NORM_EPS = 1e-5
+
+
+def layer_norm(d_model: int) -> nn.LayerNorm:
+    """The models' LayerNorm over the last dimension (eps :data:`LAYER_NORM_EPS`)."""
+    return nn.LayerNorm(d_model, eps=LAYER_NORM_EPS)
 
 
 def emb_init_std(d_model: int) -> float:
@@ -219,7 +230,7 @@ class FeedForward(nn.Module):
 
 class TransformerLayer(nn.Module):
     """Pre-LN bidirectional Transformer layer:
-    ``x = x + Drop(MHA(LN1(x)))``, ``x = x + Drop(FFN(LN2(x)))``; LayerNorm eps 1e-5.
+    ``x = x + Drop(MHA(LN1(x)))``, ``x = x + Drop(FFN(LN2(x)))``; LayerNorm eps :data:`LAYER_NORM_EPS`.
 
     ``forward`` also returns this layer's K, V = LN1(x) W_{K,V} + b, [B, L, H, Dh] — exactly
     the tensors the attention used.
@@ -231,9 +242,9 @@ class TransformerLayer(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, ffn_mult: int, dropout: float):
         super().__init__()
-        self.ln1 = nn.LayerNorm(d_model, eps=1e-5)
+        self.ln1 = layer_norm(d_model)
         self.attn = MultiHeadAttention(d_model, n_heads)
-        self.ln2 = nn.LayerNorm(d_model, eps=1e-5)
+        self.ln2 = layer_norm(d_model)
         self.ffn = FeedForward(d_model, ffn_mult)
         self.drop = nn.Dropout(dropout)
 

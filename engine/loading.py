@@ -1,0 +1,133 @@
+"""Where an engine's model and dataset come from: checkpoints, the serving view of a prepared
+dataset, and the identity of an in-memory model. Imports nothing from ``srp4ctr.train``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from srp4ctr.errors import CheckpointError, InputError
+from srp4ctr.models import SRP4CTR
+
+__all__ = ["SERVING_KIND", "load_serving_model", "model_fingerprint", "resolve_dataset",
+           "serving_view"]
+
+#: the model kind the engine serves (the SRP4CTR class's registered kind)
+SERVING_KIND = SRP4CTR.kind
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of a model's state dict (names, dtypes, shapes, bytes): the identity used when a
+    model does not come from a checkpoint (checkpoints use their weights file's sha256)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def serving_view(ds: Any, max_len: int | None = None) -> Any:
+    """A copy of a prepared dataset that keeps only what serving needs (id maps, vocabularies,
+    user table, behaviour-value rules), not the interaction arrays."""
+    from srp4ctr.data import PreparedDataset
+
+    empty32, empty64 = np.zeros(0, np.int32), np.zeros(0, np.int64)
+    view = PreparedDataset(
+        name=ds.name, user=empty32, item=empty32, timestamp=empty64,
+        label=np.zeros(0, np.int8), split=np.zeros(0, np.int8),
+        user_offsets=np.zeros(1, np.int64),
+        behaviour={f: empty64 for f in ds.behaviour},
+        item_table=ds.item_table, user_table=ds.user_table,
+        item_raw=ds.item_raw, user_raw=ds.user_raw, meta=ds.meta,
+        max_len=ds.max_len if max_len is None else max_len,
+    )
+    view.fingerprint = ds.fingerprint
+    view.path = getattr(ds, "path", None)
+    return view
+
+
+def find_prepared(root: Path, name: str, fingerprint: str) -> Path | None:
+    """The folder under ``root`` holding a prepared ``name`` dataset with ``fingerprint``."""
+    if not root.is_dir():
+        return None
+    for sub in sorted(root.iterdir()):
+        meta = sub / "meta.json"
+        if not (sub.is_dir() and meta.is_file()):
+            continue
+        try:
+            m = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(m, dict) and m.get("fingerprint") == fingerprint and m.get("name") == name:
+            return sub
+    return None
+
+
+def resolve_dataset(where: Path, info: dict, dataset: Any, data_dir: Any) -> Any:
+    from srp4ctr.data import PreparedDataset, default_data_dir, load_prepared, prepare
+
+    name, fingerprint = info.get("name"), info.get("fingerprint")
+    if not name or not fingerprint:
+        raise CheckpointError(f"{where}: config.json does not name the dataset it was trained on")
+    if isinstance(dataset, PreparedDataset):
+        ds = dataset
+    elif isinstance(dataset, (str, os.PathLike)):
+        ds = load_prepared(dataset)
+    elif dataset is not None:
+        raise InputError(
+            f"dataset must be a PreparedDataset or its folder, got {type(dataset).__name__}"
+        )
+    else:
+        root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+        found = find_prepared(root, name, fingerprint)
+        if found is not None:
+            ds = load_prepared(found)
+        elif name == "ml-100k":  # the one dataset prepare() can fetch by itself
+            ds = prepare(name, data_dir=root, progress=False)
+        else:
+            raise CheckpointError(
+                f"{where}: trained on the prepared dataset {name!r} (fingerprint "
+                f"{fingerprint[:12]}…), which is not in {root}; pass dataset= (the prepared "
+                "dataset or its folder) or data_dir= (where it was prepared)"
+            )
+    if ds.fingerprint != fingerprint:
+        raise CheckpointError(
+            f"{where}: trained on dataset {name!r} with fingerprint {fingerprint[:12]}…, but the "
+            f"dataset given is {ds.name!r} with fingerprint {ds.fingerprint[:12]}…"
+        )
+    return ds
+
+
+
+def load_serving_model(path: str | os.PathLike, dataset: Any = None,
+                       data_dir: str | os.PathLike | None = None):
+    """(model, dataset, weights fingerprint) of the fine-tuning checkpoint ``path``.
+
+    Raises:
+        CheckpointError: not a checkpoint, truncated or altered weights, another kind than
+            ``srp4ctr``, or a dataset whose fingerprint is not the checkpoint's.
+    """
+    from srp4ctr.models import load_model, model_kinds, read_config
+
+    path = Path(path)
+    cfg = read_config(path)
+    kind = cfg.get("kind")
+    if kind != SERVING_KIND:
+        hint = (" (a pre-training checkpoint: fine-tune it first)"
+                if kind in model_kinds("pretrain") else "")
+        raise CheckpointError(
+            f"{path}: a {kind!r} checkpoint{hint}; the engine serves SRP4CTR fine-tuning "
+            f"checkpoints (kind {SERVING_KIND!r})"
+        )
+    ds = resolve_dataset(path, cfg.get("dataset") or {}, dataset, data_dir)
+    model, cfg = load_model(path, dataset_fingerprint=ds.fingerprint)
+    return model, ds, cfg["weights_sha256"]
