@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from srp4ctr.errors import InputError
 
@@ -58,18 +57,17 @@ def _needs_grad(z, k, v, params) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in (z, k, v, *params))
 
 
-def _composed_layer(z, k, v, params, q_offsets, kv_offsets, eps):
-    """Wide models: torch linear layers around the Triton attention kernel (still no K/V copies)."""
+def _triton_attention(q, k, v, q_offsets, kv_offsets, scale):
     from ._triton.candidate_attention import candidate_attention_fwd
 
-    n, d = z.shape
-    p = params.to(z.dtype)
-    h = F.layer_norm(z, (d,), p.ln1_w, p.ln1_b, eps=eps)
-    q = F.linear(h, p.wq, p.bq).view(n, k.shape[1], k.shape[2])
-    a = candidate_attention_fwd(q, k, v, q_offsets, kv_offsets, k.shape[2] ** -0.5)
-    z = z + F.linear(a.view(n, d), p.wo, p.bo)
-    h = F.layer_norm(z, (d,), p.ln2_w, p.ln2_b, eps=eps)
-    return z + F.linear(F.gelu(F.linear(h, p.w1, p.b1)), p.w2, p.b2)
+    return candidate_attention_fwd(q, k, v, q_offsets, kv_offsets, scale)
+
+
+def _composed_layer(z, k, v, params, q_offsets, kv_offsets, eps):
+    """Wide models: the reference layer in z's dtype with the Triton attention kernel as its
+    attention primitive (torch linears around it; still no K/V copies)."""
+    return candidate_tower_layer_ref(z, k, v, params.to(z.dtype), q_offsets, kv_offsets,
+                                     upcast=False, attention=_triton_attention, eps=eps)
 
 
 def _layer(z, k, v, params, q_offsets, kv_offsets, chosen: Backend, eps: float) -> torch.Tensor:

@@ -40,8 +40,10 @@ if _ext.extension() is None:
                 allow_module_level=True)
 
 FEATURES = _ext.extension().cpu_features()
-ISAS = ["generic"] + (["avx512"] if FEATURES["avx512"] else [])
-BF16_ISAS = (["generic"] + (["avx512"] if FEATURES["avx512_bf16"] else [])
+ISAS = (["generic"] + (["avx2"] if FEATURES.get("avx2") else [])
+        + (["avx512"] if FEATURES["avx512"] else []))
+BF16_ISAS = (["generic"] + (["avx2"] if FEATURES.get("avx2") else [])
+             + (["avx512"] if FEATURES["avx512_bf16"] else [])
              + (["amx"] if FEATURES["amx_bf16"] else []))
 ATOL = 1e-5
 BF16_ATOL = 2e-2  # probabilities; measured worst on these shapes ~7e-3 (csrc/README.md)
@@ -261,6 +263,9 @@ def test_extension_checks_its_inputs():
                   fm.h1, "fp32", "auto", 1e-5)
     with pytest.raises(ValueError, match="isa must be"):
         ext.Tower(16, 2, [], None, [], 8, "fp32", "sse", 1e-5)
+    for eps in (0.0, -1e-5, float("nan")):
+        with pytest.raises(ValueError, match="ln_eps"):
+            ext.Tower(16, 2, [], None, [], 8, "fp32", "auto", eps)
     with pytest.raises(ValueError, match="bf16"):
         ext.Tower(16, 2, [], None, [], 8, "fp32", "amx", 1e-5)  # AMX here is a bf16 path only
     if not FEATURES["amx_bf16"]:
@@ -271,6 +276,32 @@ def test_extension_checks_its_inputs():
 
     with pytest.raises(BackendUnavailableError, match="float16"):
         CppBackend(f16)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_layer_norm_epsilon_comes_from_the_model(isa):
+    """A model whose LayerNorms use another epsilon: the C++ tower and user side use it too
+    (nothing of the model is spelled in C++)."""
+    from srp4ctr.engine.backends import CppUserSide
+    from srp4ctr.models.synthetic import random_batch
+
+    m = make_model(32, 2, 2, (24, 8), n_items=80, seed=4)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.LayerNorm):
+            mod.eps = 0.5  # large enough to move every probability
+    fm = FoldedModel(m, torch.float32, torch.device("cpu"))
+    assert fm.eps == 0.5
+    c = make_cache(fm, 23, seed=1)
+    ids = torch.arange(fm.n_item_ids)
+    with torch.no_grad():
+        want = probs(TorchBackend(fm).score_one(c, ids))
+    assert_close(probs(backend(fm, isa).score_one(c, ids)), want, ATOL, f"eps {isa}")
+    batch = random_batch(m.spec, 1, 17, seed=2, lengths=[17])
+    with torch.no_grad():
+        state = m.encode_users(batch)
+    k, v, qt, hu = CppUserSide(m, BackendOptions(isa=isa)).encode_one(batch, 1)
+    assert_close(k.flatten(), state.k[0][0].flatten(), ATOL, "k")
+    assert_close(hu, state.head_user[0], ATOL, "head_user")
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

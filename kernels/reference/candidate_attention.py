@@ -31,7 +31,10 @@ def attention_one_user(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
         q.new_empty(()).expand(H, C, k.shape[0]), q.transpose(0, 1), k.permute(1, 2, 0),
         beta=0.0, alpha=scale,
     )
-    p = torch.softmax(s, dim=-1, dtype=torch.promote_types(s.dtype, torch.float32)).to(v.dtype)
+    if s.dtype in (torch.float32, torch.float64):
+        p = torch.softmax(s, dim=-1)
+    else:  # low precision: the softmax in fp32
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(v.dtype)
     return torch.bmm(p, v.transpose(0, 1)).transpose(0, 1)  # (C, H, Dh)
 
 
@@ -66,7 +69,8 @@ def candidate_attention_ref(
     if upcast:
         q, k, v = _upcast(q), _upcast(k), _upcast(v)
     if q_offsets is None and kv_offsets is None:
-        return attention_one_user(q, k, v, scale).to(out_dtype)
+        out = attention_one_user(q, k, v, scale)
+        return out if out.dtype is out_dtype else out.to(out_dtype)
     qb, kb = _bounds(q_offsets, q.shape[0]), _bounds(kv_offsets, k.shape[0])
     out = q.new_empty(q.shape)
     for b in range(len(qb) - 1):

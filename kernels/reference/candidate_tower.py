@@ -20,6 +20,11 @@ from .candidate_attention import candidate_attention_ref
 Attention = Callable[..., torch.Tensor]
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype (itself when it already is: this file is also the engine's hot path)."""
+    return t if t.dtype is dtype else t.to(dtype)
+
+
 def _attention_ref(q, k, v, q_offsets, kv_offsets, scale):
     return candidate_attention_ref(q, k, v, q_offsets, kv_offsets, scale, upcast=False)
 
@@ -65,17 +70,21 @@ def candidate_tower_layer_ref(
     out_dtype = z.dtype
     heads, head_dim = k.shape[1], k.shape[2]
     compute = torch.promote_types(z.dtype, torch.float32) if upcast else z.dtype
-    p = params.to(compute)
-    z = z.to(compute)
+    p = params
+    for t in params:
+        if t.dtype is not compute:
+            p = params.to(compute)
+            break
+    z = _cast(z, compute)
     if q is None:
         q = F.linear(F.layer_norm(z, (d,), p.ln1_w, p.ln1_b, eps=eps), p.wq, p.bq)  # (N, d)
     attend = _attention_ref if attention is None else attention
-    a = attend(q.to(compute).view(n, heads, head_dim), k.to(compute), v.to(compute),
+    a = attend(_cast(q, compute).view(n, heads, head_dim), _cast(k, compute), _cast(v, compute),
                q_offsets, kv_offsets, head_dim ** -0.5 if scale is None else scale)  # (N, H, Dh)
     z = torch.addmm(z + p.bo, a.reshape(n, d), p.wo.t())  # (N, d)
     h = F.layer_norm(z, (d,), p.ln2_w, p.ln2_b, eps=eps)
     z = torch.addmm(z + p.b2, F.gelu(F.linear(h, p.w1, p.b1)), p.w2.t())
-    return z.to(out_dtype)
+    return _cast(z, out_dtype)
 
 
 def candidate_tower_ref(
