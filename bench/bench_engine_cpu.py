@@ -31,6 +31,8 @@ Table "candidate side" (the user state already computed, a cache hit; baseline
   instruction set ``auto`` picks: AMX where the CPU has it).
 - ``engine_cpp_bf16_avx512_cached``: the bf16 mode forced onto AVX512-BF16; only where ``auto``
   picks AMX (elsewhere it is the row above), so the two bf16 paths are compared in one run.
+- ``engine_cpp_generic_cached``: the C++ fp32 path forced onto its portable build (what a CPU
+  without AVX2 + FMA runs), beside the instruction set ``auto`` picks; only where that differs.
 - ``ort_matmul`` / ``ort_attention``: ONNX Runtime on the exported ``scorer.onnx`` (export as in
   ``bench_onnx_cpu.py``: MatMul/Softmax attention, or the ONNX ``Attention`` op; opset 23), fed
   the engine's cache tensors and internal item ids.
@@ -65,7 +67,8 @@ TABLES = {
     "engine_cpp": REQUEST, "engine_cpp_bf16": REQUEST,
     "eager_folded_cached": CACHED, "engine_cached": CACHED, "engine_bf16_cached": CACHED,
     "engine_cpp_cached": CACHED, "engine_cpp_bf16_cached": CACHED,
-    "engine_cpp_bf16_avx512_cached": CACHED, "ort_matmul": CACHED, "ort_attention": CACHED,
+    "engine_cpp_bf16_avx512_cached": CACHED, "engine_cpp_generic_cached": CACHED,
+    "ort_matmul": CACHED, "ort_attention": CACHED,
 }  # fmt: skip
 PROVIDERS = tuple(TABLES)
 BASELINES = {REQUEST: "eager_folded", CACHED: "eager_folded_cached"}
@@ -74,13 +77,15 @@ BF16 = ("engine_cpp_bf16", "engine_bf16_cached", "engine_cpp_bf16_cached",
 ENGINE_OF = {"engine": "torch", "engine_cached": "torch", "engine_bf16_cached": "torch_bf16",
              "engine_cpp": "cpp", "engine_cpp_cached": "cpp", "engine_cpp_bf16": "cpp_bf16",
              "engine_cpp_bf16_cached": "cpp_bf16",
-             "engine_cpp_bf16_avx512_cached": "cpp_bf16_avx512"}
+             "engine_cpp_bf16_avx512_cached": "cpp_bf16_avx512",
+             "engine_cpp_generic_cached": "cpp_fp32_generic"}
 # pairs (faster, slower) whose ratio median(slower) / median(faster) the interleaved test reports
 RATIOS = (("engine", "naive"), ("engine", "eager_folded"),
           ("engine_cached", "eager_folded_cached"), ("engine_bf16_cached", "engine_cached"),
           ("engine_cpp_cached", "eager_folded_cached"), ("engine_cpp_cached", "ort_matmul"),
           ("engine_cpp_cached", "ort_attention"), ("engine_cpp_bf16_cached", "eager_folded_cached"),
           ("engine_cpp_bf16_cached", "engine_cpp_bf16_avx512_cached"),
+          ("engine_cpp_cached", "engine_cpp_generic_cached"),
           ("ort_matmul", "engine_cached"))
 
 

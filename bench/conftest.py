@@ -73,8 +73,8 @@ class Served:
         return self.ds.item_raw[rng.integers(1, self.ds.n_items + 1, size=C)]
 
     def engine(self, name: str):
-        """``torch``, ``torch_bf16``, ``cpp``, ``cpp_bf16`` or ``cpp_bf16_avx512`` (the bf16 mode
-        forced onto AVX512-BF16; only where ``auto`` picks another instruction set) on CPU; an
+        """``torch``, ``torch_bf16``, ``cpp``, ``cpp_bf16``, or ``cpp_<fp32|bf16>_<isa>`` (the C++
+        path forced onto an instruction set; only where ``auto`` picks another one) on CPU; an
         unavailable one raises :class:`Unavailable` with the reason."""
         if name not in self._engines:
             from srp4ctr.engine import Engine

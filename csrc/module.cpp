@@ -88,10 +88,18 @@ Packed pack(const F32Array& w, py::ssize_t n_out, py::ssize_t k_in, bool pairs, 
   return p;
 }
 
+// The instruction set of a model: the one asked for (checked against the CPU), or with "auto"
+// the fastest this CPU has for the precision (AMX > AVX-512 > AVX2 > generic; bf16 products on
+// AVX-512 need AVX512-BF16, else bf16 runs as rounded fp32 on AVX2).
 Isa pick_isa(const std::string& isa, Precision prec) {
+  const bool avx2 = srp4ctr::cpu_has_avx2();
   const bool avx512 = srp4ctr::cpu_has_avx512();
   const bool bf16 = srp4ctr::cpu_has_avx512_bf16();
   if (isa == "generic") return Isa::kGeneric;
+  if (isa == "avx2") {
+    if (!avx2) throw std::runtime_error("isa='avx2': this CPU has no AVX2 + FMA");
+    return Isa::kAvx2;
+  }
   if (isa == "avx512") {
     if (!avx512) throw std::runtime_error("isa='avx512': this CPU has no AVX-512 (F/BW/VL/DQ)");
     if (prec == Precision::kBF16 && !bf16)
@@ -106,13 +114,19 @@ Isa pick_isa(const std::string& isa, Precision prec) {
     return Isa::kAmx;
   }
   if (isa != "auto")
-    throw std::invalid_argument("isa must be 'auto', 'amx', 'avx512' or 'generic'");
-  if (!avx512) return Isa::kGeneric;
-  if (prec == Precision::kBF16) {
-    if (srp4ctr::cpu_has_amx_bf16()) return Isa::kAmx;
-    if (!bf16) return Isa::kGeneric;
+    throw std::invalid_argument("isa must be 'auto', 'amx', 'avx512', 'avx2' or 'generic'");
+  if (avx512 && prec == Precision::kBF16 && srp4ctr::cpu_has_amx_bf16()) return Isa::kAmx;
+  if (avx512 && (prec == Precision::kF32 || bf16)) return Isa::kAvx512;
+  return avx2 ? Isa::kAvx2 : Isa::kGeneric;
+}
+
+std::string isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAmx: return "amx";
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "generic";
   }
-  return Isa::kAvx512;
 }
 
 class Tower {
@@ -134,7 +148,10 @@ class Tower {
     m_.h1 = h1;
     m_.precision = precision == "bf16" ? Precision::kBF16 : Precision::kF32;
     m_.isa = pick_isa(isa, m_.precision);
-    const bool pairs = m_.isa != Isa::kGeneric && m_.precision == Precision::kBF16;
+    // bf16 pair operands for the bf16 dot-product units (AVX512-BF16, AMX); AVX2 and the
+    // portable path multiply bf16-rounded fp32 operands
+    const bool pairs = (m_.isa == Isa::kAvx512 || m_.isa == Isa::kAmx) &&
+                       m_.precision == Precision::kBF16;
     const bool round = m_.precision == Precision::kBF16;
     const int d = d_model;
     for (auto item : layers) {
@@ -223,13 +240,13 @@ class Tower {
       srp4ctr::score_amx(m_, r);
     else if (m_.isa == Isa::kAvx512)
       srp4ctr::score_avx512(m_, r);
+    else if (m_.isa == Isa::kAvx2)
+      srp4ctr::score_avx2(m_, r);
     else
       srp4ctr::score_generic(m_, r);
   }
 
-  std::string isa() const {
-    return m_.isa == Isa::kAmx ? "amx" : m_.isa == Isa::kAvx512 ? "avx512" : "generic";
-  }
+  std::string isa() const { return isa_name(m_.isa); }
   std::string precision() const { return m_.precision == Precision::kBF16 ? "bf16" : "fp32"; }
 
  private:
@@ -363,13 +380,15 @@ class UserEncoder {
       py::gil_scoped_release nogil;
       if (e_.isa == Isa::kAvx512)
         srp4ctr::encode_avx512(e_, r);
+      else if (e_.isa == Isa::kAvx2)
+        srp4ctr::encode_avx2(e_, r);
       else
         srp4ctr::encode_generic(e_, r);
     }
     return py::make_tuple(k, v, qt, hu);
   }
 
-  std::string isa() const { return e_.isa == Isa::kAvx512 ? "avx512" : "generic"; }
+  std::string isa() const { return isa_name(e_.isa); }
 
  private:
   srp4ctr::Encoder e_;
@@ -378,6 +397,15 @@ class UserEncoder {
 }  // namespace
 
 namespace srp4ctr {
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return avx2_compiled() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
 
 bool cpu_has_avx512() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -445,6 +473,7 @@ PYBIND11_MODULE(_C, mod) {
       .def_property_readonly("isa", &UserEncoder::isa);
   mod.def("cpu_features", [] {
     py::dict d;
+    d["avx2"] = srp4ctr::cpu_has_avx2();
     d["avx512"] = srp4ctr::cpu_has_avx512();
     d["avx512_bf16"] = srp4ctr::cpu_has_avx512_bf16();
     d["amx_bf16"] = srp4ctr::cpu_has_amx_bf16();

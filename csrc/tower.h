@@ -23,7 +23,7 @@
 namespace srp4ctr {
 
 enum class Precision { kF32 = 0, kBF16 = 1 };
-enum class Isa { kGeneric = 0, kAvx512 = 1, kAmx = 2 };
+enum class Isa { kGeneric = 0, kAvx512 = 1, kAmx = 2, kAvx2 = 3 };
 enum class DType { kF32 = 0, kBF16 = 1 };
 
 // bf16 pair operands hold K rounded up to this many rows (zeros), so that AMX can read them in
@@ -121,11 +121,15 @@ struct EncodeRequest {
 // Implementations (one translation unit per instruction set).
 void encode_generic(const Encoder& e, const EncodeRequest& r);
 void encode_avx512(const Encoder& e, const EncodeRequest& r);
+void encode_avx2(const Encoder& e, const EncodeRequest& r);
 void score_generic(const Model& m, const Request& r);
 void score_avx512(const Model& m, const Request& r);
+void score_avx2(const Model& m, const Request& r);
 void score_amx(const Model& m, const Request& r);  // bf16 only
 bool amx_compiled();  // whether this build has the AMX kernels (the compiler knew AMX)
+bool avx2_compiled();  // whether this build has the AVX2 kernels (an x86 build)
 
+bool cpu_has_avx2();         // avx2 + fma (and this build has the AVX2 kernels)
 bool cpu_has_avx512();       // avx512f + bw + vl + dq
 bool cpu_has_avx512_bf16();  // and avx512_bf16
 bool cpu_has_amx_bf16();     // and AMX-TILE + AMX-BF16, with the OS's permission to use them

@@ -11,6 +11,12 @@
 //
 // AMX (bf16 only, where the CPU and the OS offer it): the same algorithm with every product on
 // the tile unit, tiles of 16 rows x 32 bf16 (A), 16 pairs x 16 columns (B), 16 x 16 fp32 (C).
+//
+// On other architectures than x86 the file compiles to stubs that are never called.
+#include "tower.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+
 #if defined(__GNUC__) && !defined(__clang__)
 #if __GNUC__ >= 11
 #define SRP4CTR_AMX 1
@@ -33,8 +39,6 @@
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
-
-#include "tower.h"
 
 namespace srp4ctr {
 namespace {
@@ -498,4 +502,23 @@ void score_avx512(const Model& m, const Request& r) {
 
 #if defined(__clang__)
 #pragma clang attribute pop
+#endif
+
+#else  // not x86
+
+#include <stdexcept>
+
+namespace srp4ctr {
+bool amx_compiled() { return false; }
+void encode_avx512(const Encoder&, const EncodeRequest&) {
+  throw std::runtime_error("srp4ctr._C was compiled without AVX-512 support");
+}
+void score_avx512(const Model&, const Request&) {
+  throw std::runtime_error("srp4ctr._C was compiled without AVX-512 support");
+}
+void score_amx(const Model&, const Request&) {
+  throw std::runtime_error("srp4ctr._C was compiled without AMX support");
+}
+}  // namespace srp4ctr
+
 #endif

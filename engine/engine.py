@@ -27,7 +27,14 @@ import torch
 
 from srp4ctr.errors import CacheError, CheckpointError, InputError, UnknownItemError
 
-from .backends import BackendOptions, Scorer, UserSide, resolve_backend, resolve_user_side
+from .backends import (
+    BackendOptions,
+    Scorer,
+    UserSide,
+    explain_backend,
+    resolve_backend,
+    resolve_user_side,
+)
 from .cache import UserCache
 from .config import DEFAULT_MAX_CHUNK_BYTES, EngineConfig
 from .folded import FoldedModel
@@ -64,7 +71,7 @@ class Engine:
         cfg = EngineConfig.make(config, **overrides).resolved()
         self.config = cfg
         self.device, self.dtype = cfg.device, cfg.dtype
-        scorer_cls = resolve_backend(cfg.backend, self.device, self.dtype)
+        scorer_cls, self._backend_reason = explain_backend(cfg.backend, self.device, self.dtype)
         if dataset.fingerprint != model.spec.fingerprint and model.spec.fingerprint:
             raise CheckpointError(
                 f"the model was built for dataset fingerprint {model.spec.fingerprint[:12]}…, "
@@ -164,6 +171,7 @@ class Engine:
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "backend": self.backend,
+            "backend_reason": self._backend_reason,
             "scorer": self._backend.describe(),
             "user_side": self.user_side,
             "user_encoder": self._user_side.describe(),

@@ -300,7 +300,8 @@ def test_layer_norm_epsilon_comes_from_the_model(isa):
     with torch.no_grad():
         state = m.encode_users(batch)
     k, v, qt, hu = CppUserSide(m, BackendOptions(isa=isa)).encode_one(batch, 1)
-    assert_close(k.flatten(), state.k[0][0].flatten(), ATOL, "k")
+    for layer in range(len(state.k)):
+        assert_close(k[layer].flatten(), state.k[layer][0].flatten(), ATOL, f"k{layer}")
     assert_close(hu, state.head_user[0], ATOL, "head_user")
 
 

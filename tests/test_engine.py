@@ -749,8 +749,9 @@ def test_bad_user_threads(ckpt, tiny, bad):
 
 
 # ----------------------------------------------------------------------------- C++ user side
-CPP_ISAS = ["generic"] + (["avx512"] if _ext.extension() is not None
-                          and _ext.extension().cpu_features()["avx512"] else [])
+_FEATURES = _ext.extension().cpu_features() if _ext.extension() is not None else {}
+CPP_ISAS = (["generic"] + (["avx2"] if _FEATURES.get("avx2") else [])
+            + (["avx512"] if _FEATURES.get("avx512") else []))
 
 
 def _assert_same_cache(a: UserCache, b: UserCache, atol: float = ATOL):
@@ -856,3 +857,33 @@ def test_extension_without_the_user_side_falls_back(ckpt, tiny, monkeypatch):
     assert eng.backend == "cpp" and eng.user_side == "torch"
     with pytest.raises(BackendUnavailableError, match="rebuild"):
         Engine.load(ckpt, dataset=tiny, user_side="cpp")
+
+
+@pytest.mark.cpp
+def test_auto_leaves_the_portable_cpp_path_alone(ckpt, tiny, monkeypatch):
+    """On a CPU without AVX2 + FMA or AVX-512 the portable C++ path is slower than torch, so auto
+    scores (and encodes) with torch and says why; cpp asked for by name still runs, with the
+    torch user side under auto."""
+    real = _ext.extension()
+
+    class Portable:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def cpu_features(self):
+            return {k: False for k in real.cpu_features()}
+
+    fast = Engine.load(ckpt, dataset=tiny)
+    if real.cpu_features().get("avx2") or real.cpu_features().get("avx512"):
+        assert fast.backend == "cpp" and fast.user_side == "cpp"
+        assert fast.describe()["backend_reason"].startswith("auto: cpp")
+    monkeypatch.setattr(_ext, "extension", lambda: Portable())
+    auto = Engine.load(ckpt, dataset=tiny)
+    assert auto.backend == "torch" and auto.user_side == "torch"
+    assert "neither AVX2" in auto.describe()["backend_reason"]
+    named = Engine.load(ckpt, dataset=tiny, backend="cpp", isa="generic")
+    assert named.backend == "cpp" and named.user_side == "torch"
+    assert named.describe()["scorer"]["isa"] == "generic"
+    h, cands = raw_history(tiny, 4), list(range(1, 30))
+    assert close(auto.score(auto.encode_user(h), cands), named.score(named.encode_user(h), cands),
+                 ATOL)

@@ -16,7 +16,8 @@ encoding, chunking, the cache, the sigmoid). One vocabulary everywhere: ``auto``
 **The resolution rule** (:func:`resolve_backend`, :func:`resolve_user_side`):
 
 - ``auto`` scores with ``triton`` on CUDA and with ``cpp`` on CPU (float32 and bfloat16) where
-  they can run, else with ``torch``; its user side is the scoring backend's own where that can
+  they can run and are not measured slower than torch there (the C++ path needs AVX2 + FMA or
+  AVX-512 for that: its portable build is slower than torch), else with ``torch``; its user side is the scoring backend's own where that can
   encode the model (e.g. not the C++ one for the pooled-history ablation), else torch's.
 - A backend named explicitly must run: where it cannot (``triton`` without CUDA, ``cpp`` on CUDA
   or in float16, ``user_side="cpp"`` for a model without the uni cross-attention) the engine
@@ -32,6 +33,7 @@ from ._base import (
     Scorer,
     UserSide,
     UserTensors,
+    explain_backend,
     intra_op_threads,
     register,
     resolve_backend,
@@ -53,6 +55,7 @@ __all__ = [
     "TritonUserSide",
     "UserSide",
     "UserTensors",
+    "explain_backend",
     "intra_op_threads",
     "register",
     "resolve_backend",

@@ -18,8 +18,8 @@ from ..cache import UserCache
 from ..config import DEFAULT_TILE, EngineConfig
 from ..folded import FoldedModel
 
-__all__ = ["BACKENDS", "BackendOptions", "Scorer", "UserSide", "UserTensors", "intra_op_threads",
-           "register", "resolve_backend", "resolve_user_side"]
+__all__ = ["BACKENDS", "BackendOptions", "Scorer", "UserSide", "UserTensors", "explain_backend",
+           "intra_op_threads", "register", "resolve_backend", "resolve_user_side"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,12 @@ class Scorer(abc.ABC):
         or a missing build (the C++ extension). None: it can."""
         return cls.hardware_reason(device, dtype)
 
+    @classmethod
+    def slower_than_torch_reason(cls, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Why ``auto`` should not pick this backend here although it can run: where the
+        benchmarks measure it slower than the torch backend (None: it is not)."""
+        return None
+
     @abc.abstractmethod
     def score_one(self, cache: UserCache, item_ids: torch.Tensor) -> torch.Tensor:
         """Logits of ``item_ids`` (internal ids, [C]) for one user, in the engine's dtype."""
@@ -142,6 +148,12 @@ class UserSide(abc.ABC):
     @classmethod
     def unavailable_reason(cls, model, device: torch.device) -> str | None:
         """Why this user side cannot encode ``model``'s users on ``device`` (None: it can)."""
+        return None
+
+    @classmethod
+    def slower_than_torch_reason(cls, model, device: torch.device) -> str | None:
+        """Why ``auto`` should not pick this user side here although it can run (None: it is
+        not measured slower than the torch one)."""
         return None
 
     @abc.abstractmethod
@@ -187,23 +199,34 @@ def resolve_backend(name: str, device: torch.device,
                     dtype: torch.dtype = torch.float32) -> type[Scorer]:
     """The scorer class for ``name`` (``auto``, ``torch``, ``triton`` or ``cpp``) on ``device``
     in ``dtype``; the rule is the package docstring's."""
+    return explain_backend(name, device, dtype)[0]
+
+
+def explain_backend(name: str, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> tuple[type[Scorer], str]:
+    """:func:`resolve_backend` and, in words, why that backend."""
     from srp4ctr._ext import warn_fallback
 
     key = _name("backend", name)
     if key == "auto":
         cand = BACKENDS["triton" if device.type == "cuda" else "cpp"]
-        if cand.scorer.unavailable_reason(device, dtype) is None:
-            return cand.scorer
+        reason = cand.scorer.unavailable_reason(device, dtype)
+        if reason is None:
+            slow = cand.scorer.slower_than_torch_reason(device, dtype)
+            if slow is None:
+                return cand.scorer, f"auto: {cand.scorer.name} runs here ({device.type}, " \
+                                    f"{str(dtype).replace('torch.', '')})"
+            return BACKENDS["torch"].scorer, f"auto: torch, because {slow}"
         if _falls_back(cand, device, dtype):
             warn_fallback(f"backend='auto' on {device.type}")
-        return BACKENDS["torch"].scorer
+        return BACKENDS["torch"].scorer, f"auto: torch, because {reason}"
     entry = BACKENDS[key]
     reason = entry.scorer.unavailable_reason(device, dtype)
     if reason is None:
-        return entry.scorer
+        return entry.scorer, f"{key}: asked for"
     if _falls_back(entry, device, dtype):
         warn_fallback(f"backend={key!r}")
-        return BACKENDS["torch"].scorer
+        return BACKENDS["torch"].scorer, f"{key} asked for, torch because {reason}"
     raise BackendUnavailableError(reason)
 
 
@@ -216,13 +239,16 @@ def _falls_back(entry: _Entry, device: torch.device, dtype: torch.dtype) -> bool
 def resolve_user_side(name: str, model, device: torch.device,
                       scorer: type[Scorer]) -> type[UserSide]:
     """The user-side class for ``name``: ``auto`` is the scoring backend's own user side where it
-    can encode ``model`` on ``device``, else torch; a backend name must be able to (else
+    can encode ``model`` on ``device`` and is not measured slower than torch's, else torch; a backend name must be able to (else
     :class:`BackendUnavailableError` says why)."""
     key = _name("user_side", name)
     torch_side = BACKENDS["torch"].user_side
     if key == "auto":
         own = BACKENDS[scorer.name].user_side
-        return own if own.unavailable_reason(model, device) is None else torch_side
+        if own.unavailable_reason(model, device) is None and \
+                own.slower_than_torch_reason(model, device) is None:
+            return own
+        return torch_side
     cls = BACKENDS[key].user_side
     reason = cls.unavailable_reason(model, device)
     if reason is not None:
