@@ -35,7 +35,13 @@ Table "candidate side" (the user state already computed, a cache hit; baseline
   without AVX2 + FMA runs), beside the instruction set ``auto`` picks; only where that differs.
 - ``ort_matmul`` / ``ort_attention``: ONNX Runtime on the exported ``scorer.onnx`` (export as in
   ``bench_onnx_cpu.py``: MatMul/Softmax attention, or the ONNX ``Attention`` op; opset 23), fed
-  the engine's cache tensors and internal item ids.
+  the engine's cache tensors and internal item ids; all graph optimisations on.
+- ``openvino_cached``: OpenVINO (``pip install openvino``) on the same MatMul ``scorer.onnx``,
+  compiled for the CPU in fp32 (``INFERENCE_PRECISION_HINT=f32``, the latency hint, one stream,
+  the same threads); ``openvino_bf16_cached``: OpenVINO's own precision, bf16 where the CPU has
+  AVX512-BF16 or AMX (skipped elsewhere, where it is the fp32 row).
+- ``compiled_cached``: ``torch.compile(mode="max-autotune")`` of the eager folded candidate side
+  (``model.score_candidates_one_user``), compiled once per candidate count before timing.
 
 ``test_request_latency`` times each provider on its own (pytest-benchmark rows);
 ``test_interleaved_ratios`` times all available ones round-robin (rotating the order each round)
@@ -68,12 +74,13 @@ TABLES = {
     "eager_folded_cached": CACHED, "engine_cached": CACHED, "engine_bf16_cached": CACHED,
     "engine_cpp_cached": CACHED, "engine_cpp_bf16_cached": CACHED,
     "engine_cpp_bf16_avx512_cached": CACHED, "engine_cpp_generic_cached": CACHED,
-    "ort_matmul": CACHED, "ort_attention": CACHED,
+    "ort_matmul": CACHED, "ort_attention": CACHED, "openvino_cached": CACHED,
+    "openvino_bf16_cached": CACHED, "compiled_cached": CACHED,
 }  # fmt: skip
 PROVIDERS = tuple(TABLES)
 BASELINES = {REQUEST: "eager_folded", CACHED: "eager_folded_cached"}
 BF16 = ("engine_cpp_bf16", "engine_bf16_cached", "engine_cpp_bf16_cached",
-        "engine_cpp_bf16_avx512_cached")
+        "engine_cpp_bf16_avx512_cached", "openvino_bf16_cached")
 ENGINE_OF = {"engine": "torch", "engine_cached": "torch", "engine_bf16_cached": "torch_bf16",
              "engine_cpp": "cpp", "engine_cpp_cached": "cpp", "engine_cpp_bf16": "cpp_bf16",
              "engine_cpp_bf16_cached": "cpp_bf16",
@@ -86,6 +93,8 @@ RATIOS = (("engine", "naive"), ("engine", "eager_folded"),
           ("engine_cpp_cached", "ort_attention"), ("engine_cpp_bf16_cached", "eager_folded_cached"),
           ("engine_cpp_bf16_cached", "engine_cpp_bf16_avx512_cached"),
           ("engine_cpp_cached", "engine_cpp_generic_cached"),
+          ("engine_cpp_cached", "openvino_cached"), ("engine_cpp_cached", "compiled_cached"),
+          ("engine_cpp_bf16_cached", "openvino_bf16_cached"),
           ("ort_matmul", "engine_cached"))
 
 
@@ -118,12 +127,19 @@ def _call(served, provider: str, C: int):
         with torch.no_grad():
             state = model.encode_users(batch1)
         return partial(_eager_folded, model, batch1, cand, state)
-    if provider.startswith("ort_"):
-        session = served.session(provider.removeprefix("ort_"))
+    if provider.startswith(("ort_", "openvino")):
         cache = served.engine("torch").encode_user(history)
         feed = {"k": cache.k.numpy(), "v": cache.v.numpy(), "head_user": cache.head_user.numpy(),
                 "cand_item": cand.numpy()}
+        if provider.startswith("openvino"):
+            return partial(served.openvino(bf16=provider == "openvino_bf16_cached"), feed)
+        session = served.session(provider.removeprefix("ort_"))
         return lambda: session.run(["probs"], feed)[0]
+    if provider == "compiled_cached":
+        with torch.no_grad():
+            state = model.encode_users(batch1)
+        compiled = served.compiled_candidate_side()
+        return partial(compiled, state, cand)
     engine = served.engine(ENGINE_OF[provider])
     if provider.endswith("_cached"):
         return partial(engine.score, engine.encode_user(history), raw)
@@ -147,7 +163,7 @@ def _flops(served, provider: str, C: int) -> int:
     if provider == "naive":
         return C * (f.user + f.per_candidate)
     per = (served_flops_per_candidate(served.cfg, HIST)
-           if provider.startswith(("engine", "ort")) else f.per_candidate)
+           if provider.startswith(("engine", "ort", "openvino")) else f.per_candidate)
     return C * per if TABLES[provider] == CACHED else f.user + C * per
 
 

@@ -71,6 +71,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: the vector instruction sets the kernels and the runtimes branch on, as /proc/cpuinfo names them
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "sve", "bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_isa() -> str:
+    """The CPU's vector instruction sets that matter here (``/proc/cpuinfo`` flags, e.g.
+    ``avx2 fma``), or ``unknown``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("flags", "features")):
+                flags = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in ISA_FLAGS if f in flags) or "none of " + "/".join(
+                    ISA_FLAGS)
+    except OSError:
+        pass
+    return "unknown"
+
+
 def machine() -> dict:
     """Platform, CPU model, cores, library versions, threads and the load when the case ran."""
     import torch
@@ -84,6 +103,7 @@ def machine() -> dict:
     info = {
         "platform": platform.platform(),
         "cpu": cpu_model(),
+        "isa": cpu_isa(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "onnxruntime": ort_version,
@@ -165,11 +185,41 @@ def ort_session(path: Path):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # its best
     opts.intra_op_num_threads = THREADS
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     opts.add_session_config_entry("session.intra_op.allow_spinning", ORT_SPIN)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def openvino_bf16_reason() -> str | None:
+    """Why OpenVINO would not run bf16 on this CPU (None: it would; it picks bf16 by itself on
+    CPUs with AVX512-BF16 or AMX)."""
+    try:
+        import openvino as ov
+    except ImportError as e:
+        return f"OpenVINO is not installed ({e})"
+    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if "BF16" not in caps:
+        return f"OpenVINO has no bf16 on this CPU (capabilities {', '.join(caps)})"
+    return None
+
+
+def openvino_model(path: Path, precision: str | None = "f32"):
+    """``feed -> probabilities`` of an ONNX graph compiled by OpenVINO for the CPU with
+    ``THREADS`` inference threads, one stream, the latency hint, and ``precision`` (``"f32"``; None:
+    OpenVINO's own choice, bf16 where the CPU has it)."""
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise Unavailable(f"OpenVINO is not installed ({e}); pip install openvino") from None
+    config = {"INFERENCE_NUM_THREADS": THREADS, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    compiled = ov.Core().compile_model(str(path), "CPU", config)
+    request, out = compiled.create_infer_request(), compiled.output("probs")
+    return lambda feed: request.infer(feed)[out]
 
 
 def to_numpy(x) -> np.ndarray:

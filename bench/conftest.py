@@ -58,7 +58,7 @@ class Served:
         assert int(self.batch1["hist_len"][0]) == benchlib.HIST
         self._engines: dict[str, object] = {}
         self._exports: dict[str, Path] = {}
-        self._sessions: dict[tuple[str, str], object] = {}
+        self._sessions: dict[object, object] = {}
 
     def flops(self, C: int):
         """Analytic FLOPs of one request with C candidates (:func:`flops_per_request`)."""
@@ -126,6 +126,31 @@ class Served:
             export_engine(self.engine("torch"), out, attention=variant, opset=23, verify=False)
             self._exports[variant] = out
         return self._exports[variant]
+
+    def openvino(self, bf16: bool = False):
+        """The MatMul scorer graph compiled by OpenVINO (:func:`benchlib.openvino_model`): fp32,
+        or (``bf16``) OpenVINO's own precision where that is bf16; once per run."""
+        key = ("openvino", bf16)
+        if key not in self._sessions:
+            if bf16 and (reason := benchlib.openvino_bf16_reason()) is not None:
+                raise Unavailable(reason)
+            self._sessions[key] = benchlib.openvino_model(
+                self.onnx_dir("matmul") / "scorer.onnx", None if bf16 else "f32")
+        return self._sessions[key]
+
+    def compiled_candidate_side(self):
+        """``(state, cand) -> probabilities``: the eager folded candidate side under
+        ``torch.compile(mode="max-autotune")`` (one function; each candidate count compiles
+        once, on its first call)."""
+        if "compiled" not in self._sessions:
+            model = self.model
+
+            def candidate_side(state, cand):
+                return torch.sigmoid(model.score_candidates_one_user(state, cand))
+
+            self._sessions["compiled"] = torch.compile(candidate_side, mode="max-autotune",
+                                                       dynamic=False)
+        return self._sessions["compiled"]
 
     def session(self, variant: str, graph: str = "scorer"):
         """An ONNX Runtime session (:func:`benchlib.ort_session`) of ``graph``.onnx of the

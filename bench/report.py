@@ -941,7 +941,9 @@ def _machine_lines(suites: dict[str, SuiteResult]) -> list[str]:
         return ["No suite results found."]
     m = newest.meta.get("machine", {})
     lines = [
-        (f"- CPU: {m.get('cpu', '?')}, {m.get('cores', '?')} cores visible; "
+        (f"- CPU: {m.get('cpu', '?')}"
+         + (f" (vector instruction sets: {m['isa']})" if m.get("isa") else "")
+         + f", {m.get('cores', '?')} cores visible; "
          f"{newest.meta.get('threads', m.get('threads', '?'))} threads for every provider "
          f"(torch and ONNX Runtime intra-op); OMP_WAIT_POLICY={m.get('omp_wait_policy')}"),
         (f"- torch {m.get('torch', '?')}, ONNX Runtime {m.get('onnxruntime') or 'not installed'}, "

@@ -329,7 +329,7 @@ def test_every_suite_file_exists():
 
 def test_goals_file():
     goals = br.load_goals()
-    assert len(goals) == 16 and len({g.id for g in goals}) == 16
+    assert len(goals) == 24 and len({g.id for g in goals}) == 24
     assert all(g.metric in br.METRICS for g in goals)
 
 
