@@ -657,8 +657,16 @@ def metric_gemm_fractions(ctx: Context, *, suite: str, case: str, device: str,
         if flops and gemm:
             smoke |= m.smoke
             rate = flops / m.seconds
-            bits.append(f"`{p}` {fmt_rate(rate)} = {fmt_pct(rate / gemm)} of the {dtype} GEMM "
-                        f"rate ({fmt_rate(gemm)})")
+            fp32 = res.ceiling(device, "gemm", "float32")
+            if dtype != "float32" and fp32 and gemm < fp32:
+                # no fast bf16 arithmetic on this CPU (torch's bf16 GEMM is slower than fp32):
+                # the provider's bf16 mode computes in fp32, so the fp32 rate is its roofline
+                bits.append(f"`{p}` {fmt_rate(rate)} = {fmt_pct(rate / fp32)} of the float32 GEMM "
+                            f"rate ({fmt_rate(fp32)}; the {dtype} GEMM here is slower, "
+                            f"{fmt_rate(gemm)})")
+            else:
+                bits.append(f"`{p}` {fmt_rate(rate)} = {fmt_pct(rate / gemm)} of the {dtype} "
+                            f"GEMM rate ({fmt_rate(gemm)})")
     if not bits:
         return Verdict("—", "not measured: " + ctx.why_missing(suite, next(iter(dtypes)), case))
     return Verdict("; ".join(bits), _reported(smoke))
