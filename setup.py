@@ -20,8 +20,9 @@ if os.environ.get("SRP4CTR_NO_EXT", "0") in ("", "0"):
         flags = ["-O3", "-fno-math-errno"] if sys.platform != "win32" else ["/O2"]
         ext = Pybind11Extension(
             "srp4ctr._C",
-            sources=["csrc/module.cpp", "csrc/threadpool.cpp", "csrc/tower_generic.cpp",
-                     "csrc/tower_avx2.cpp", "csrc/tower_avx512.cpp"],
+            sources=["csrc/module.cpp", "csrc/model.cpp", "csrc/cpu_features.cpp",
+                     "csrc/threadpool.cpp", "csrc/tower_generic.cpp", "csrc/tower_avx2.cpp",
+                     "csrc/tower_avx512.cpp", "csrc/tower_neon.cpp"],
             include_dirs=["csrc"],
             cxx_std=17,
             extra_compile_args=flags,

@@ -3,7 +3,7 @@
 //   tower = _C.Tower(d_model, n_heads, layers, head_zn, rest, h1, precision, isa, ln_eps)
 //   tower.score(ids, tables, users, kv_dtype, out, threads)
 //
-// Weights arrive as float32 numpy arrays in nn.Linear layout and are packed here once.
+// Weights arrive as float32 numpy arrays in nn.Linear layout and are packed once (model.cpp).
 // Per request the tensors are passed as raw addresses (the Python wrapper in
 // srp4ctr/engine/backends.py owns them, checks shapes, dtypes and contiguity, and keeps them
 // alive for the call); this file checks what it can (ids in range, counts) before any work.
@@ -13,14 +13,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <stdexcept>
 #include <string>
-
-#if defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 
 #include "tower.h"
 
@@ -35,67 +29,36 @@ namespace {
 
 using F32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
-int round_up(int x, int m) { return (x + m - 1) / m * m; }
-
-uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-float round_bf16(float f) {
-  uint32_t u = static_cast<uint32_t>(to_bf16(f)) << 16;
-  float r;
-  std::memcpy(&r, &u, 4);
-  return r;
-}
-
 std::vector<float> vec(const F32Array& a, py::ssize_t n, const char* what) {
   if (a.ndim() != 1 || a.shape(0) != n)
     throw std::invalid_argument(std::string(what) + ": expected shape [" + std::to_string(n) + "]");
   return std::vector<float>(a.data(), a.data() + n);
 }
 
-// nn.Linear weight W [N, K] -> GEMM operand B[k][n].
+// nn.Linear weight W [N, K] -> GEMM operand B[k][n] (shape checked).
 Packed pack(const F32Array& w, py::ssize_t n_out, py::ssize_t k_in, bool pairs, bool round,
             const char* what) {
   if (w.ndim() != 2 || w.shape(0) != n_out || w.shape(1) != k_in)
     throw std::invalid_argument(std::string(what) + ": expected shape [" + std::to_string(n_out) +
                                 ", " + std::to_string(k_in) + "], got a different one");
-  Packed p;
-  p.K = static_cast<int>(k_in);
-  p.N = static_cast<int>(n_out);
-  p.ldb = round_up(p.N, 16);
-  p.pairs = pairs;
-  const float* W = w.data();
-  if (pairs) {
-    const int K2 = round_up(p.K, srp4ctr::kPairKPad) / 2;
-    p.bf16.assign(static_cast<size_t>(K2) * p.ldb * 2, 0);
-    for (int n = 0; n < p.N; ++n)
-      for (int k = 0; k < p.K; ++k)
-        p.bf16[(static_cast<size_t>(k / 2) * p.ldb + n) * 2 + (k & 1)] =
-            to_bf16(W[static_cast<size_t>(n) * p.K + k]);
-  } else {
-    p.f32.assign(static_cast<size_t>(p.K) * p.ldb, 0.f);
-    for (int n = 0; n < p.N; ++n)
-      for (int k = 0; k < p.K; ++k) {
-        const float x = W[static_cast<size_t>(n) * p.K + k];
-        p.f32[static_cast<size_t>(k) * p.ldb + n] = round ? round_bf16(x) : x;
-      }
-  }
-  return p;
+  return srp4ctr::pack_weight(w.data(), static_cast<int>(n_out), static_cast<int>(k_in), pairs,
+                              round);
 }
 
 // The instruction set of a model: the one asked for (checked against the CPU), or with "auto"
-// the fastest this CPU has for the precision (AMX > AVX-512 > AVX2 > generic; bf16 products on
-// AVX-512 need AVX512-BF16, else bf16 runs as rounded fp32 on AVX2).
+// the fastest this CPU has for the precision (x86: AMX > AVX-512 > AVX2 > generic; bf16 products
+// on AVX-512 need AVX512-BF16, else bf16 runs as rounded fp32 on AVX2; aarch64: NEON, whose bf16
+// uses BFDOT where the CPU has it and is a storage format otherwise).
 Isa pick_isa(const std::string& isa, Precision prec) {
   const bool avx2 = srp4ctr::cpu_has_avx2();
   const bool avx512 = srp4ctr::cpu_has_avx512();
   const bool bf16 = srp4ctr::cpu_has_avx512_bf16();
   if (isa == "generic") return Isa::kGeneric;
+  if (isa == "neon") {
+    if (!srp4ctr::cpu_has_neon())
+      throw std::runtime_error("isa='neon': this is not an aarch64 build");
+    return Isa::kNeon;
+  }
   if (isa == "avx2") {
     if (!avx2) throw std::runtime_error("isa='avx2': this CPU has no AVX2 + FMA");
     return Isa::kAvx2;
@@ -114,10 +77,12 @@ Isa pick_isa(const std::string& isa, Precision prec) {
     return Isa::kAmx;
   }
   if (isa != "auto")
-    throw std::invalid_argument("isa must be 'auto', 'amx', 'avx512', 'avx2' or 'generic'");
+    throw std::invalid_argument(
+        "isa must be 'auto', 'amx', 'avx512', 'avx2', 'neon' or 'generic'");
   if (avx512 && prec == Precision::kBF16 && srp4ctr::cpu_has_amx_bf16()) return Isa::kAmx;
   if (avx512 && (prec == Precision::kF32 || bf16)) return Isa::kAvx512;
-  return avx2 ? Isa::kAvx2 : Isa::kGeneric;
+  if (avx2) return Isa::kAvx2;
+  return srp4ctr::cpu_has_neon() ? Isa::kNeon : Isa::kGeneric;
 }
 
 std::string isa_name(Isa isa) {
@@ -125,6 +90,7 @@ std::string isa_name(Isa isa) {
     case Isa::kAmx: return "amx";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
+    case Isa::kNeon: return "neon";
     default: return "generic";
   }
 }
@@ -148,10 +114,9 @@ class Tower {
     m_.h1 = h1;
     m_.precision = precision == "bf16" ? Precision::kBF16 : Precision::kF32;
     m_.isa = pick_isa(isa, m_.precision);
-    // bf16 pair operands for the bf16 dot-product units (AVX512-BF16, AMX); AVX2 and the
-    // portable path multiply bf16-rounded fp32 operands
-    const bool pairs = (m_.isa == Isa::kAvx512 || m_.isa == Isa::kAmx) &&
-                       m_.precision == Precision::kBF16;
+    // bf16 pair operands for the bf16 dot-product units (AVX512-BF16, AMX, NEON BFDOT); AVX2,
+    // NEON without BFDOT and the portable path multiply bf16-rounded fp32 operands
+    const bool pairs = srp4ctr::uses_pairs(m_.isa, m_.precision);
     const bool round = m_.precision == Precision::kBF16;
     const int d = d_model;
     for (auto item : layers) {
@@ -236,14 +201,7 @@ class Tower {
         throw std::out_of_range("item row " + std::to_string(r.ids[i]) + " outside the tables");
     if (n_ids == 0) return;
     py::gil_scoped_release nogil;
-    if (m_.isa == Isa::kAmx)
-      srp4ctr::score_amx(m_, r);
-    else if (m_.isa == Isa::kAvx512)
-      srp4ctr::score_avx512(m_, r);
-    else if (m_.isa == Isa::kAvx2)
-      srp4ctr::score_avx2(m_, r);
-    else
-      srp4ctr::score_generic(m_, r);
+    srp4ctr::score(m_, r);
   }
 
   std::string isa() const { return isa_name(m_.isa); }
@@ -378,12 +336,7 @@ class UserEncoder {
     r.threads = std::max(1, threads);
     {
       py::gil_scoped_release nogil;
-      if (e_.isa == Isa::kAvx512)
-        srp4ctr::encode_avx512(e_, r);
-      else if (e_.isa == Isa::kAvx2)
-        srp4ctr::encode_avx2(e_, r);
-      else
-        srp4ctr::encode_generic(e_, r);
+      srp4ctr::encode(e_, r);
     }
     return py::make_tuple(k, v, qt, hu);
   }
@@ -395,59 +348,6 @@ class UserEncoder {
 };
 
 }  // namespace
-
-namespace srp4ctr {
-
-bool cpu_has_avx2() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  return avx2_compiled() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
-
-bool cpu_has_avx512() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-#else
-  return false;
-#endif
-}
-
-bool cpu_has_avx512_bf16() {
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
-#elif defined(__x86_64__) || defined(__i386__)
-  // CPUID leaf 7 sub-leaf 1, EAX bit 5
-  unsigned a = 7, b = 0, c = 1, d = 0;
-  __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
-  return cpu_has_avx512() && ((a >> 5) & 1u);
-#else
-  return false;
-#endif
-}
-
-bool cpu_has_amx_bf16() {
-#if defined(__linux__) && defined(__x86_64__)
-  static const bool ok = [] {
-    if (!amx_compiled() || !cpu_has_avx512_bf16()) return false;
-    unsigned a = 7, b = 0, c = 0, d = 0;  // CPUID leaf 7 sub-leaf 0: EDX 22 AMX-BF16, 24 AMX-TILE
-    __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
-    if (!((d >> 22) & 1u) || !((d >> 24) & 1u)) return false;
-    // Linux hands out the 8 KiB tile state only on request (once per process; inherited by fork)
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-#else
-  return false;
-#endif
-}
-
-}  // namespace srp4ctr
 
 PYBIND11_MODULE(_C, mod) {
   mod.doc() = "srp4ctr C++ CPU kernels: the folded candidate tower (fp32 / bf16)";
@@ -477,6 +377,8 @@ PYBIND11_MODULE(_C, mod) {
     d["avx512"] = srp4ctr::cpu_has_avx512();
     d["avx512_bf16"] = srp4ctr::cpu_has_avx512_bf16();
     d["amx_bf16"] = srp4ctr::cpu_has_amx_bf16();
+    d["neon"] = srp4ctr::cpu_has_neon();
+    d["neon_bf16"] = srp4ctr::cpu_has_neon_bf16();
     return d;
   });
 }

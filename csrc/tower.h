@@ -23,7 +23,7 @@
 namespace srp4ctr {
 
 enum class Precision { kF32 = 0, kBF16 = 1 };
-enum class Isa { kGeneric = 0, kAvx512 = 1, kAmx = 2, kAvx2 = 3 };
+enum class Isa { kGeneric = 0, kAvx512 = 1, kAmx = 2, kAvx2 = 3, kNeon = 4 };
 enum class DType { kF32 = 0, kBF16 = 1 };
 
 // bf16 pair operands hold K rounded up to this many rows (zeros), so that AMX can read them in
@@ -122,17 +122,36 @@ struct EncodeRequest {
 void encode_generic(const Encoder& e, const EncodeRequest& r);
 void encode_avx512(const Encoder& e, const EncodeRequest& r);
 void encode_avx2(const Encoder& e, const EncodeRequest& r);
+void encode_neon(const Encoder& e, const EncodeRequest& r);
 void score_generic(const Model& m, const Request& r);
 void score_avx512(const Model& m, const Request& r);
 void score_avx2(const Model& m, const Request& r);
+void score_neon(const Model& m, const Request& r);
 void score_amx(const Model& m, const Request& r);  // bf16 only
 bool amx_compiled();  // whether this build has the AMX kernels (the compiler knew AMX)
 bool avx2_compiled();  // whether this build has the AVX2 kernels (an x86 build)
+bool neon_compiled();  // whether this build has the NEON kernels (an aarch64 build)
+bool neon_bf16_compiled();  // and their BFDOT kernels (the compiler knew +bf16)
 
+// CPU feature detection (cpu_features.cpp).
 bool cpu_has_avx2();         // avx2 + fma (and this build has the AVX2 kernels)
 bool cpu_has_avx512();       // avx512f + bw + vl + dq
 bool cpu_has_avx512_bf16();  // and avx512_bf16
 bool cpu_has_amx_bf16();     // and AMX-TILE + AMX-BF16, with the OS's permission to use them
+bool cpu_has_neon();         // aarch64 (Advanced SIMD is mandatory there) with the NEON kernels
+bool cpu_has_neon_bf16();    // and FEAT_BF16 (BFDOT), with the BFDOT kernels compiled
+
+// Building and running a model (model.cpp).
+uint16_t to_bf16(float f);  // round to nearest even, NaN kept a NaN (torch's .to(bfloat16))
+// Whether a model of this instruction set and precision takes bf16 pair operands (the bf16
+// dot-product paths: AVX512-BF16, AMX, NEON BFDOT); the others multiply fp32 operands, rounded to
+// bf16 values in bf16 precision.
+bool uses_pairs(Isa isa, Precision precision);
+// nn.Linear weight W [n_out, k_in] (row-major fp32) -> GEMM operand B[k][n]: bf16 pairs, or fp32
+// (rounded to bf16 values when `round`).
+Packed pack_weight(const float* W, int n_out, int k_in, bool pairs, bool round);
+void score(const Model& m, const Request& r);        // on m.isa
+void encode(const Encoder& e, const EncodeRequest& r);  // on e.isa
 
 // Thread pool shared by every model: fn(task, worker) for task in [0, n_tasks).
 void parallel_for(int n_tasks, int threads, void (*fn)(void*, int, int), void* ctx);

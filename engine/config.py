@@ -13,7 +13,7 @@ Precedence of every field: an explicit value (constructor argument or ``Engine.l
 environment variable        field it sets when the field is left at ``None``
 ==========================  ====================================================================
 ``SRP4CTR_THREADS``         ``threads``
-``SRP4CTR_CPP_ISA``         ``isa`` (``auto``, ``amx``, ``avx512``, ``avx2``, ``generic``)
+``SRP4CTR_CPP_ISA``         ``isa`` (``auto``, ``amx``, ``avx512``, ``avx2``, ``neon``, ``generic``)
 ``SRP4CTR_CPP_TILE``        ``tile``
 ==========================  ====================================================================
 
@@ -47,7 +47,7 @@ DEFAULT_MAX_TABLE_BYTES = 1 << 30
 DEFAULT_TILE = 48
 #: the scoring backends, in the one vocabulary every layer uses
 BACKEND_NAMES = ("auto", "torch", "triton", "cpp")
-ISAS = ("auto", "amx", "avx512", "avx2", "generic")
+ISAS = ("auto", "amx", "avx512", "avx2", "neon", "generic")
 #: field -> the environment variable that overrides its default
 ENV = {"threads": "SRP4CTR_THREADS", "isa": "SRP4CTR_CPP_ISA", "tile": "SRP4CTR_CPP_TILE"}
 
@@ -125,7 +125,8 @@ class EngineConfig:
             OpenMP waiting one user's ~40 small torch ops each wake the other threads: history
             200, d = 64, 2 threads measured 4.8 ms against 1.65 ms with ``user_threads=1``.
         isa: the C++ instruction set: ``auto`` (the fastest the CPU has), ``amx`` (bf16 only),
-            ``avx512``, ``avx2`` (with FMA), ``generic`` (``SRP4CTR_CPP_ISA`` overrides).
+            ``avx512``, ``avx2`` (with FMA), ``neon`` (aarch64), ``generic`` (``SRP4CTR_CPP_ISA``
+            overrides).
         tile: C++ candidates per work item (default 48; ``SRP4CTR_CPP_TILE`` overrides).
         max_chunk_bytes, chunk_size: the working-memory budget of one scoring chunk (default
             :data:`DEFAULT_MAX_CHUNK_BYTES` of the device type), or a fixed number of candidates

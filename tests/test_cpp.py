@@ -41,8 +41,10 @@ if _ext.extension() is None:
 
 FEATURES = _ext.extension().cpu_features()
 ISAS = (["generic"] + (["avx2"] if FEATURES.get("avx2") else [])
-        + (["avx512"] if FEATURES["avx512"] else []))
+        + (["avx512"] if FEATURES["avx512"] else [])
+        + (["neon"] if FEATURES.get("neon") else []))
 BF16_ISAS = (["generic"] + (["avx2"] if FEATURES.get("avx2") else [])
+             + (["neon"] if FEATURES.get("neon") else [])
              + (["avx512"] if FEATURES["avx512_bf16"] else [])
              + (["amx"] if FEATURES["amx_bf16"] else []))
 ATOL = 1e-5

@@ -751,7 +751,8 @@ def test_bad_user_threads(ckpt, tiny, bad):
 # ----------------------------------------------------------------------------- C++ user side
 _FEATURES = _ext.extension().cpu_features() if _ext.extension() is not None else {}
 CPP_ISAS = (["generic"] + (["avx2"] if _FEATURES.get("avx2") else [])
-            + (["avx512"] if _FEATURES.get("avx512") else []))
+            + (["avx512"] if _FEATURES.get("avx512") else [])
+            + (["neon"] if _FEATURES.get("neon") else []))
 
 
 def _assert_same_cache(a: UserCache, b: UserCache, atol: float = ATOL):

@@ -49,17 +49,19 @@ def _extension(what: str):
 
 
 def _portable_only() -> str | None:
-    """Why ``auto`` leaves the C++ path alone on this CPU: its portable build (a CPU without
-    AVX2 + FMA, or a non-x86 build) measured 1.6-5x slower than the torch backend at 100-4096
-    candidates and its user side 1.5x slower than torch's (AMD EPYC Zen 3, 2 threads); the AVX2,
-    AVX-512 and AMX paths measured faster at every candidate count. None: they are here."""
+    """Why ``auto`` leaves the C++ path alone on this CPU: its portable build (an x86 CPU without
+    AVX2 + FMA, or a build for neither x86-64 nor aarch64) measured 1.6-5x slower than the torch
+    backend at 100-4096 candidates and its user side 1.5x slower than torch's (AMD EPYC Zen 3,
+    2 threads); the AVX2, AVX-512 and AMX paths measured faster at every candidate count. The
+    NEON path (aarch64) counts with them by design: it is the same kernel structure, but its
+    speed has not been measured (checked for parity under emulation only). None: one is here."""
     from srp4ctr._ext import extension
 
     feats = extension().cpu_features()
-    if feats.get("avx2") or feats.get("avx512"):
+    if feats.get("avx2") or feats.get("avx512") or feats.get("neon"):
         return None
-    return ("this CPU has neither AVX2 + FMA nor AVX-512, and the portable C++ path is slower "
-            "than torch")
+    return ("this CPU has neither AVX2 + FMA, AVX-512 nor NEON, and the portable C++ path is "
+            "slower than torch")
 
 
 class CppBackend(Scorer):
