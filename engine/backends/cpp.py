@@ -49,19 +49,23 @@ def _extension(what: str):
 
 
 def _portable_only() -> str | None:
-    """Why ``auto`` leaves the C++ path alone on this CPU: its portable build (an x86 CPU without
-    AVX2 + FMA, or a build for neither x86-64 nor aarch64) measured 1.6-5x slower than the torch
-    backend at 100-4096 candidates and its user side 1.5x slower than torch's (AMD EPYC Zen 3,
-    2 threads); the AVX2, AVX-512 and AMX paths measured faster at every candidate count. The
-    NEON path (aarch64) counts with them by design: it is the same kernel structure, but its
-    speed has not been measured (checked for parity under emulation only). None: one is here."""
+    """Why ``auto`` leaves the C++ path alone on this CPU (None: it does not). ``auto`` takes
+    only what a benchmark measured faster than the torch backend: the AVX2, AVX-512 and AMX
+    paths (faster at every candidate count on AMD EPYC Zen 3, Zen 4 and an Intel Xeon with AMX,
+    bench/report.md and bench/archive/). The portable build measured 1.6-5x slower than torch at
+    100-4096 candidates and its user side 1.5x slower (EPYC Zen 3, 2 threads). The NEON path
+    (aarch64) is checked for parity under emulation only; its speed has not been measured on an
+    Arm CPU, so ``auto`` does not pick it (``backend="cpp"`` does)."""
     from srp4ctr._ext import extension
 
     feats = extension().cpu_features()
-    if feats.get("avx2") or feats.get("avx512") or feats.get("neon"):
+    if feats.get("avx2") or feats.get("avx512"):
         return None
-    return ("this CPU has neither AVX2 + FMA, AVX-512 nor NEON, and the portable C++ path is "
-            "slower than torch")
+    if feats.get("neon"):
+        return ("the C++ NEON path has not been measured against torch on an Arm CPU (ask for "
+                "backend='cpp' to use it)")
+    return ("this CPU has neither AVX2 + FMA nor AVX-512, and the portable C++ path is slower "
+            "than torch")
 
 
 class CppBackend(Scorer):
