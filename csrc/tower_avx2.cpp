@@ -146,26 +146,13 @@ inline void ukernel(int K, const float* A, int lda, const float* B, int ldb, flo
   store_block<MR, NV>(c, C, ldc, bias, acc, last);
 }
 
-// Rows of a block: full MR kernels, then one smaller kernel for the remainder.
-template <int MR, int NV>
-struct Rows {
-  static void run(int M, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc,
+// The micro-kernel of NV vectors of columns, for gemm_rows (tower_driver.inc).
+template <int NV>
+struct Cols {
+  template <int MR>
+  static void run(int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc,
                   const float* bias, bool acc, int last) {
-    int i = 0;
-    for (; i + MR <= M; i += MR)
-      ukernel<MR, NV>(K, A + static_cast<size_t>(i) * lda, lda, B, ldb,
-                      C + static_cast<size_t>(i) * ldc, ldc, bias, acc, last);
-    const int rem = M - i;
-    if (rem) tail<MR - 1>(rem, K, A + static_cast<size_t>(i) * lda, lda, B, ldb,
-                          C + static_cast<size_t>(i) * ldc, ldc, bias, acc, last);
-  }
-  template <int R>
-  static void tail(int rem, int K, const float* A, int lda, const float* B, int ldb, float* C,
-                   int ldc, const float* bias, bool acc, int last) {
-    if constexpr (R >= 1) {
-      if (rem == R) return ukernel<R, NV>(K, A, lda, B, ldb, C, ldc, bias, acc, last);
-      tail<R - 1>(rem, K, A, lda, B, ldb, C, ldc, bias, acc, last);
-    }
+    ukernel<MR, NV>(K, A, lda, B, ldb, C, ldc, bias, acc, last);
   }
 };
 
@@ -177,9 +164,9 @@ void gemm_blocks(int M, int N, int K, const float* A, int lda, const float* B, i
     float* Cn = C + n0;
     const float* bn = bias ? bias + n0 : nullptr;
     if (cols > 8)
-      Rows<6, 2>::run(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, cols - 8);
+      gemm_rows<Cols<2>, 6>(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, cols - 8);
     else
-      Rows<12, 1>::run(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, cols);
+      gemm_rows<Cols<1>, 12>(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, cols);
   }
 }
 

@@ -156,34 +156,16 @@ inline void ukernel_bf16(int K2, const uint16_t* A, int lda, const uint16_t* B, 
   store_block<MR, NV>(c, C, ldc, bias, acc, last);
 }
 
-// Rows of a block: full MR kernels, then one smaller kernel for the remainder.
-template <bool kBf16, int MR, int NV>
-struct Rows {
-  template <class TA, class TB>
-  static void run(int M, int K, const TA* A, int lda, const TB* B, int ldb, float* C, int ldc,
-                  const float* bias, bool acc, __mmask16 last) {
-    int i = 0;
-    for (; i + MR <= M; i += MR) call<MR>(K, A + static_cast<size_t>(i) * lda, lda, B, ldb,
-                                          C + static_cast<size_t>(i) * ldc, ldc, bias, acc, last);
-    const int rem = M - i;
-    if (rem) tail<MR - 1>(rem, K, A + static_cast<size_t>(i) * lda, lda, B, ldb,
-                          C + static_cast<size_t>(i) * ldc, ldc, bias, acc, last);
-  }
+// The fp32 or bf16 micro-kernel of NV vectors of columns, for gemm_rows (tower_driver.inc).
+template <bool kBf16, int NV>
+struct Cols {
   template <int R, class TA, class TB>
-  static void call(int K, const TA* A, int lda, const TB* B, int ldb, float* C, int ldc,
-                   const float* bias, bool acc, __mmask16 last) {
+  static void run(int K, const TA* A, int lda, const TB* B, int ldb, float* C, int ldc,
+                  const float* bias, bool acc, __mmask16 last) {
     if constexpr (kBf16)
       ukernel_bf16<R, NV>(K, A, lda, B, ldb, C, ldc, bias, acc, last);
     else
       ukernel_f32<R, NV>(K, A, lda, B, ldb, C, ldc, bias, acc, last);
-  }
-  template <int R, class TA, class TB>
-  static void tail(int rem, int K, const TA* A, int lda, const TB* B, int ldb, float* C, int ldc,
-                   const float* bias, bool acc, __mmask16 last) {
-    if constexpr (R >= 1) {
-      if (rem == R) return call<R>(K, A, lda, B, ldb, C, ldc, bias, acc, last);
-      tail<R - 1>(rem, K, A, lda, B, ldb, C, ldc, bias, acc, last);
-    }
   }
 };
 
@@ -199,10 +181,10 @@ void gemm_blocks(int M, int N, int K, const TA* A, int lda, const TB* B, int ldb
     float* Cn = C + n0;
     const float* bn = bias ? bias + n0 : nullptr;
     switch (nv) {
-      case 4: Rows<kBf16, 6, 4>::run(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, last); break;
-      case 3: Rows<kBf16, 8, 3>::run(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, last); break;
-      case 2: Rows<kBf16, 12, 2>::run(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, last); break;
-      default: Rows<kBf16, 16, 1>::run(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, last); break;
+      case 4: gemm_rows<Cols<kBf16, 4>, 6>(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, last); break;
+      case 3: gemm_rows<Cols<kBf16, 3>, 8>(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, last); break;
+      case 2: gemm_rows<Cols<kBf16, 2>, 12>(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, last); break;
+      default: gemm_rows<Cols<kBf16, 1>, 16>(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, last); break;
     }
   }
 }

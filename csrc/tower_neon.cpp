@@ -160,28 +160,6 @@ struct F32Kernel {
 };
 SRP4CTR_KERNELS_END
 
-// Rows of a block: full MR kernels, then one smaller kernel for the remainder.
-template <class Kern, int R, class TA, class TB>
-void row_tail(int rem, int K, const TA* A, int lda, const TB* B, int ldb, float* C, int ldc,
-              const float* bias, bool acc, int last) {
-  if constexpr (R >= 1) {
-    if (rem == R) return Kern::template run<R>(K, A, lda, B, ldb, C, ldc, bias, acc, last);
-    row_tail<Kern, R - 1>(rem, K, A, lda, B, ldb, C, ldc, bias, acc, last);
-  }
-}
-
-template <class Kern, int MR, class TA, class TB>
-void rows(int M, int K, const TA* A, int lda, const TB* B, int ldb, float* C, int ldc,
-          const float* bias, bool acc, int last) {
-  int i = 0;
-  for (; i + MR <= M; i += MR)
-    Kern::template run<MR>(K, A + static_cast<size_t>(i) * lda, lda, B, ldb,
-                           C + static_cast<size_t>(i) * ldc, ldc, bias, acc, last);
-  const int rem = M - i;
-  if (rem) row_tail<Kern, MR - 1>(rem, K, A + static_cast<size_t>(i) * lda, lda, B, ldb,
-                                  C + static_cast<size_t>(i) * ldc, ldc, bias, acc, last);
-}
-
 // Columns in blocks of 16: NV = the block's vectors, MR the most rows that fit the registers.
 template <template <int> class Kern, class TA, class TB>
 void gemm_blocks(int M, int N, int K, const TA* A, int lda, const TB* B, int ldb, float* C,
@@ -193,10 +171,10 @@ void gemm_blocks(int M, int N, int K, const TA* A, int lda, const TB* B, int ldb
     float* Cn = C + n0;
     const float* bn = bias ? bias + n0 : nullptr;
     switch (nv) {
-      case 4: rows<Kern<4>, 6>(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, last); break;
-      case 3: rows<Kern<3>, 8>(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, last); break;
-      case 2: rows<Kern<2>, 12>(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, last); break;
-      default: rows<Kern<1>, 16>(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, last); break;
+      case 4: gemm_rows<Kern<4>, 6>(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, last); break;
+      case 3: gemm_rows<Kern<3>, 8>(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, last); break;
+      case 2: gemm_rows<Kern<2>, 12>(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, last); break;
+      default: gemm_rows<Kern<1>, 16>(M, K, A, lda, Bn, ldb, Cn, ldc, bn, acc, last); break;
     }
   }
 }
