@@ -895,6 +895,17 @@ def folded_vs_naive_points(suites: dict[str, SuiteResult]) -> dict | None:
             "max_c": max(r.x for r in rows)}
 
 
+def _log_axes(ax, ylabel: str, title: str) -> None:
+    """Log-log axes against the number of candidates, with grid and legend."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("candidates per request (C)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot_folded_vs_naive(suites: dict[str, SuiteResult], path: Path) -> Path | None:
     pts = folded_vs_naive_points(suites)
     if pts is None:
@@ -917,22 +928,10 @@ def plot_folded_vs_naive(suites: dict[str, SuiteResult], path: Path) -> Path | N
         a.scatter([100], [pts[key] / 1e9], color="k", zorder=3)
         a.annotate(f"inference-FLOPs (C=100), {label}: {pts[key] / 1e9:.2f} G",
                    (100, pts[key] / 1e9), textcoords="offset points", xytext=(6, -12), fontsize=8)
-    a.set_xscale("log")
-    a.set_yscale("log")
-    a.set_xlabel("candidates per request (C)")
-    a.set_ylabel("GFLOP per request (analytic)")
-    a.set_title("cost per request: analytic FLOPs", fontsize=10)
-    a.grid(True, which="both", alpha=0.3)
-    a.legend(fontsize=8)
+    _log_axes(a, "GFLOP per request (analytic)", "cost per request: analytic FLOPs")
     for provider, values in pts["measured"].items():
         b.plot([v[0] for v in values], [v[1] * 1e3 for v in values], marker="o", label=provider)
-    b.set_xscale("log")
-    b.set_yscale("log")
-    b.set_xlabel("candidates per request (C)")
-    b.set_ylabel("median latency (ms)")
-    b.set_title("measured: whole request on CPU (engine suite)", fontsize=10)
-    b.grid(True, which="both", alpha=0.3)
-    b.legend(fontsize=8)
+    _log_axes(b, "median latency (ms)", "measured: whole request on CPU (engine suite)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
