@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from srp4ctr.errors import CacheError, CheckpointError, InputError, UnknownItemError
+from srp4ctr.errors import CacheError, CheckpointError, InputError
+from srp4ctr.serving.inputs import as_history_dict, encode_candidates, encode_history
 
 from .backends import (
     BackendOptions,
@@ -38,7 +39,7 @@ from .backends import (
 from .cache import UserCache
 from .config import DEFAULT_MAX_CHUNK_BYTES, EngineConfig
 from .folded import FoldedModel
-from .inputs import as_history_dict, as_raw_ids, model_batch
+from .inputs import model_batch
 from .loading import load_serving_model, model_fingerprint, serving_view
 
 __all__ = ["DEFAULT_MAX_CHUNK_BYTES", "Engine", "model_fingerprint"]
@@ -94,7 +95,6 @@ class Engine:
                                       cfg.max_table_bytes, fold_q0=scorer_cls.uses_q0)
         self._backend: Scorer = scorer_cls(self.folded, options)
         self._user_side: UserSide = user_cls(self.model, options)
-        self._string_ids = self.dataset.item_raw.dtype.kind not in "iu"
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -200,27 +200,12 @@ class Engine:
         NaN, booleans, strings (for integer-id datasets) and non-1-D input always raise
         :class:`~srp4ctr.errors.InputError`.
         """
-        raw = as_raw_ids(candidates, string_ids=self._string_ids)
-        ids = self.dataset.encode_items(raw, strict=False)
-        if strict:
-            unknown = ids == self.dataset.oov_item
-            if unknown.any():
-                shown = raw[unknown][:5].tolist()
-                raise UnknownItemError(
-                    f"{int(unknown.sum())} unknown item id(s), e.g. {shown} (strict=True)"
-                )
-        t = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
+        t = torch.from_numpy(encode_candidates(self.dataset, candidates, strict))
         return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
 
     # ------------------------------------------------------------------ users
     def _history_arrays(self, history: Any, user_id: Any = None) -> dict[str, np.ndarray]:
-        d = history if isinstance(history, _Normalised) else as_history_dict(history, user_id)
-        try:
-            return self.dataset.encode_user_history(d, max_len=self.max_len)
-        except InputError:
-            raise
-        except (ValueError, TypeError, OverflowError) as e:
-            raise InputError(f"invalid history: {e}") from None
+        return encode_history(self.dataset, history, user_id, max_len=self.max_len)
 
     def _caches(self, arrays, user_ids) -> list[UserCache]:
         """Checked caches in the engine's dtype from the user side's output."""
@@ -252,7 +237,7 @@ class Engine:
             InputError: mismatched lengths, non-numeric timestamps, negative or non-integer item
                 ids, unknown behaviour values, non-1-D sequences.
         """
-        d = _Normalised(as_history_dict(history, user_id))
+        d = as_history_dict(history, user_id)
         return self._caches([self._history_arrays(d)], [_jsonable(d.get("user_id"))])[0]
 
     def encode_users(self, histories: Sequence[Any]) -> list[UserCache]:
@@ -262,7 +247,7 @@ class Engine:
             raise InputError("histories must be a sequence of histories")
         if not histories:
             return []
-        norm = [_Normalised(as_history_dict(h)) for h in histories]
+        norm = [as_history_dict(h) for h in histories]
         arrays = [self._history_arrays(d) for d in norm]
         return self._caches(arrays, [_jsonable(d.get("user_id")) for d in norm])
 
@@ -409,10 +394,6 @@ class Engine:
             max_len = max(max_len, n)
         flush()
         return [r if logits else torch.sigmoid(r) for r in results]
-
-
-class _Normalised(dict):
-    """A history already through :func:`as_history_dict`."""
 
 
 def _jsonable(user_id: Any) -> Any:

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from srp4ctr.errors import CheckpointError, InputError
+from srp4ctr.bundle import is_bundle, read_bundle
+from srp4ctr.errors import BundleError, CheckpointError, DataError, InputError
 from srp4ctr.models import SRP4CTR
 
 __all__ = ["SERVING_KIND", "load_serving_model", "model_fingerprint", "resolve_dataset",
@@ -36,23 +37,9 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def serving_view(ds: Any, max_len: int | None = None) -> Any:
-    """A copy of a prepared dataset that keeps only what serving needs (id maps, vocabularies,
-    user table, behaviour-value rules), not the interaction arrays."""
-    from srp4ctr.data import PreparedDataset
-
-    empty32, empty64 = np.zeros(0, np.int32), np.zeros(0, np.int64)
-    view = PreparedDataset(
-        name=ds.name, user=empty32, item=empty32, timestamp=empty64,
-        label=np.zeros(0, np.int8), split=np.zeros(0, np.int8),
-        user_offsets=np.zeros(1, np.int64),
-        behaviour={f: empty64 for f in ds.behaviour},
-        item_table=ds.item_table, user_table=ds.user_table,
-        item_raw=ds.item_raw, user_raw=ds.user_raw, meta=ds.meta,
-        max_len=ds.max_len if max_len is None else max_len,
-    )
-    view.fingerprint = ds.fingerprint
-    view.path = getattr(ds, "path", None)
-    return view
+    """A copy of a prepared dataset that keeps only what serving needs
+    (:meth:`PreparedDataset.serving_view <srp4ctr.data.PreparedDataset.serving_view>`)."""
+    return ds.serving_view(max_len)
 
 
 def find_prepared(root: Path, name: str, fingerprint: str) -> Path | None:
@@ -110,9 +97,13 @@ def resolve_dataset(where: Path, info: dict, dataset: Any, data_dir: Any) -> Any
 
 def load_serving_model(path: str | os.PathLike, dataset: Any = None,
                        data_dir: str | os.PathLike | None = None):
-    """(model, dataset, weights fingerprint) of the fine-tuning checkpoint ``path``.
+    """(model, dataset, weights fingerprint) of the fine-tuning checkpoint or bundle ``path``.
+
+    A bundle (:mod:`srp4ctr.bundle`) brings its own serving tables; ``dataset`` (if given) is
+    used instead. A plain checkpoint needs the prepared dataset (:func:`resolve_dataset`).
 
     Raises:
+        BundleError: an incomplete, truncated, altered or other-version bundle.
         CheckpointError: not a checkpoint, truncated or altered weights, another kind than
             ``srp4ctr``, or a dataset whose fingerprint is not the checkpoint's.
     """
@@ -128,6 +119,20 @@ def load_serving_model(path: str | os.PathLike, dataset: Any = None,
             f"{path}: a {kind!r} checkpoint{hint}; the engine serves SRP4CTR fine-tuning "
             f"checkpoints (kind {SERVING_KIND!r})"
         )
-    ds = resolve_dataset(path, cfg.get("dataset") or {}, dataset, data_dir)
+    if is_bundle(path) and dataset is None:
+        # a bundle carries its serving tables: no data directory, no download
+        from srp4ctr.data.dataset import load_serving_tables
+
+        read_bundle(path)
+        try:
+            ds = load_serving_tables(path)
+        except DataError as e:
+            raise BundleError(str(e)) from None
+        info = cfg.get("dataset") or {}
+        if ds.fingerprint != info.get("fingerprint"):
+            raise BundleError(f"{path}: serving tables of dataset {ds.fingerprint[:12]}…, the "
+                              f"model was trained on {str(info.get('fingerprint'))[:12]}…")
+    else:
+        ds = resolve_dataset(path, cfg.get("dataset") or {}, dataset, data_dir)
     model, cfg = load_model(path, dataset_fingerprint=ds.fingerprint)
     return model, ds, cfg["weights_sha256"]

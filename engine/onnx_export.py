@@ -113,6 +113,7 @@ __all__ = [
     "MANIFEST_FILE",
     "MANIFEST_FORMAT",
     "MANIFEST_VERSION",
+    "MULTI_SCORER_FILE",
     "SCORER_FILE",
     "ScorerGraph",
     "UserEncoderGraph",
@@ -126,12 +127,11 @@ DEFAULT_OPSET = 20  # ONNX Runtime >= 1.17; the Attention op needs 23
 MIN_OPSET = 18  # the dynamo exporter's floor; LayerNormalization needs 17
 ATTENTION_VARIANTS = ("auto", "attention", "matmul")
 MANIFEST_FORMAT = "srp4ctr-onnx"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: serving tables instead of items.npz / users.npz, scorer_multi.onnx
 ENCODER_FILE = "user_encoder.onnx"
 SCORER_FILE = "scorer.onnx"
+MULTI_SCORER_FILE = "scorer_multi.onnx"
 MANIFEST_FILE = "manifest.json"
-ITEMS_FILE = "items.npz"
-USERS_FILE = "users.npz"
 #: above this many bytes of weights a graph keeps them in a side file ``<graph>.onnx.data``
 #: (a protobuf file cannot exceed 2 GiB)
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -199,7 +199,11 @@ class UserEncoderGraph(nn.Module):
         pooled, qtokens, head_user = m.summarise_user(hidden, valid, batch)
         out: list[torch.Tensor] = []
         if self.n_layers:
-            out += [torch.stack([k[0] for k, _ in kv]), torch.stack([v[0] for _, v in kv])]
+            # padding rows are zeroed: an empty history (one padding position, hist_len 0)
+            # then yields the one all-zero K/V row the scorer takes for it
+            keep = valid[0].to(x.dtype)[None, :, None, None]
+            out += [torch.stack([k[0] for k, _ in kv]) * keep,
+                    torch.stack([v[0] for _, v in kv]) * keep]
         out.append(head_user[0])
         if qtokens is not None:
             out.append(qtokens[0])
@@ -219,8 +223,12 @@ class ScorerGraph(nn.Module):
     ``Attention`` op through :func:`torch.onnx.ops.attention`, opset >= 23).
     """
 
-    def __init__(self, fm: FoldedModel, attention: str = "matmul"):
+    def __init__(self, fm: FoldedModel, attention: str = "matmul", *, multi: bool = False):
         super().__init__()
+        self.multi = bool(multi)
+        if multi and attention != "matmul":
+            raise InputError("the multi-user scorer graph uses attention='matmul' (the ONNX "
+                             "Attention op takes no per-user mask here)")
         if attention not in ("matmul", "attention"):
             raise InputError(f"attention must be 'matmul' or 'attention', got {attention!r}")
         if not fm.tables:
@@ -246,7 +254,12 @@ class ScorerGraph(nn.Module):
         for i, (w, b) in enumerate(fm.rest):
             buf(f"rest{i}_w", w)
             buf(f"rest{i}_b", b)
-        self.input_names = (["k", "v"] if self.n_layers else []) + ["head_user", "cand_item"]
+        if multi:
+            self.input_names = ((["k", "v", "kv_offsets"] if self.n_layers else [])
+                                + ["head_user", "cand_item", "cand_offsets"])
+        else:
+            self.input_names = ((["k", "v"] if self.n_layers else [])
+                                + ["head_user", "cand_item"])
         self.output_names = ["probs", "logits"]
 
     def _layers(self) -> list[TowerLayerParams]:
@@ -271,18 +284,51 @@ class ScorerGraph(nn.Module):
                           else torch.matmul(qh, k.permute(1, 2, 0)), dim=-1)  # [H, C, n]
         return torch.matmul(p, v.transpose(0, 1)).transpose(0, 1)           # [C, H, Dh]
 
+    @staticmethod
+    def _owner(offsets: torch.Tensor, n: int, like: torch.Tensor) -> torch.Tensor:
+        """int64 [n]: the user (0 .. B-1) that each of n jagged rows belongs to, from the
+        offsets [B+1] (a comparison with every boundary: ops that export)."""
+        rows = torch.ones_like(like, dtype=torch.int64).cumsum(0) - 1      # arange(n)
+        return (rows[:, None] >= offsets[None, 1:]).to(torch.int64).sum(1)
+
+    def _attend_jagged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       q_user: torch.Tensor, kv_user: torch.Tensor, scale: float) -> torch.Tensor:
+        """Several users' candidates q [C, H, Dh] over all their K/V rows k/v [N, H, Dh]; each
+        candidate sees only its own user's rows (scores of other users' rows are -inf before
+        the softmax, so they get weight exactly 0). Cost grows with C x N, not per user."""
+        qh = q.transpose(0, 1)                                              # [H, C, Dh]
+        s = torch.matmul(qh, k.permute(1, 2, 0))                            # [H, C, N]
+        if scale != 1.0:
+            s = s * scale
+        other = (q_user[:, None] != kv_user[None, :])[None]                 # [1, C, N]
+        p = torch.softmax(s.masked_fill(other, float("-inf")), dim=-1)
+        return torch.matmul(p, v.transpose(0, 1)).transpose(0, 1)           # [C, H, Dh]
+
     def forward(self, *args: torch.Tensor):
-        if self.n_layers:
+        k = v = kv_off = cand_off = None
+        if self.multi and self.n_layers:
+            k, v, kv_off, head_user, cand_item, cand_off = args
+        elif self.multi:
+            head_user, cand_item, cand_off = args
+        elif self.n_layers:
             k, v, head_user, cand_item = args
         else:
-            (head_user, cand_item), k, v = args, None, None
+            head_user, cand_item = args
         z = self.z0.index_select(0, cand_item)
+        if self.multi:
+            q_user = self._owner(cand_off, cand_item.shape[0], cand_item)
+            head_user = head_user.index_select(0, q_user)                   # [C, h1]
         zn = None
         if self.n_layers:
+            if self.multi:
+                attend, q_offsets = self._attend_jagged, q_user
+                kv_offsets = self._owner(kv_off, k.shape[1], k[0, :, 0, 0])
+            else:
+                attend, q_offsets, kv_offsets = self._attend, None, None
             zn = candidate_tower_ref(
                 z, [(k[i], v[i]) for i in range(self.n_layers)], self._layers(),
-                q0=self.q0.index_select(0, cand_item), scale=1.0, upcast=False,
-                attention=self._attend, eps=self.eps)
+                q_offsets, kv_offsets, q0=self.q0.index_select(0, cand_item), scale=1.0,
+                upcast=False, attention=attend, eps=self.eps)
         rest = [(getattr(self, f"rest{i}_w"), getattr(self, f"rest{i}_b"))
                 for i in range(self.n_rest)]
         logits = head(zn, self.hz0.index_select(0, cand_item), head_user,
@@ -353,12 +399,6 @@ def _to_onnx(module: nn.Module, args: tuple, input_names: list[str], output_name
     return prog.model_proto
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -422,7 +462,7 @@ def export_engine(engine, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OP
     Same arguments as :func:`export_onnx`; returns the manifest (also written to
     ``out_dir/manifest.json``).
     """
-    from srp4ctr._files import atomic_write_dir
+    from srp4ctr._files import atomic_write_dir, shareable
 
     opset = _check_opset(opset)
     variant = _resolve_attention(attention, opset)
@@ -465,16 +505,34 @@ def export_engine(engine, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OP
     sc_proto = _to_onnx(scorer, sc_args, scorer.input_names, scorer.output_names, (sc_dyn,),
                         opset)
 
+    # the multi-user (jagged) scorer: two users of n0 rows, candidates split 2 / c0 - 2
+    multi = ScorerGraph(fm, "matmul", multi=True).eval()
+    b_dim = torch.export.Dim("B", min=1)
+    rows_dim, cands_dim = torch.export.Dim("N", min=1), torch.export.Dim("Ct", min=1)
+    kv_off0 = torch.tensor([0, n0, 2 * n0], dtype=torch.int64)
+    cand_off0 = torch.tensor([0, 2, c0], dtype=torch.int64)
+    hu0 = torch.stack([kv0[2 if NL else 0]] * 2)
+    if NL:
+        mu_args: tuple = (torch.cat([kv0[0]] * 2, 1), torch.cat([kv0[1]] * 2, 1), kv_off0, hu0,
+                          cand0, cand_off0)
+        mu_dyn: tuple = ({1: rows_dim}, {1: rows_dim}, {0: b_dim + 1}, {0: b_dim},
+                         {0: cands_dim}, {0: b_dim + 1})
+    else:
+        mu_args = (hu0, cand0, cand_off0)
+        mu_dyn = ({0: b_dim}, {0: cands_dim}, {0: b_dim + 1})
+    mu_proto = _to_onnx(multi, mu_args, multi.input_names, multi.output_names, (mu_dyn,), opset)
+
     manifest = _manifest(engine, model, fm, encoder, scorer, opset, variant)
+    graphs = {"user_encoder": (enc_proto, ENCODER_FILE), "scorer": (sc_proto, SCORER_FILE),
+              "scorer_multi": (mu_proto, MULTI_SCORER_FILE)}
 
     def write(tmp: Path) -> None:
-        files, proto_of = {}, {"user_encoder": enc_proto, "scorer": sc_proto}
-        for role, proto, name in (("user_encoder", enc_proto, ENCODER_FILE),
-                                  ("scorer", sc_proto, SCORER_FILE)):
+        files, proto_of = {}, {role: proto for role, (proto, _) in graphs.items()}
+        for role, (proto, name) in graphs.items():
             written = _save_graph(proto, tmp / name, engine.fingerprint, role, external_data)
             files[role] = written
         _write_side_files(tmp, ds, manifest)
-        for role in ("user_encoder", "scorer"):
+        for role in graphs:
             g = manifest["graphs"][role]
             g["ir_version"] = int(proto_of[role].ir_version)
             g["sha256"] = _sha256(files[role][0])
@@ -488,7 +546,7 @@ def export_engine(engine, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OP
         with open(tmp / MANIFEST_FILE, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1)
             f.write("\n")
-        os.chmod(tmp, 0o777 & ~_umask())  # a served folder, not a private temporary one
+        shareable(tmp)  # a served folder, not a private temporary one
 
     atomic_write_dir(out, write)
     return manifest
@@ -556,21 +614,12 @@ def _check_features(ds, model) -> None:
 
 
 def _write_side_files(tmp: Path, ds, manifest: dict) -> None:
-    item_raw = np.asarray(ds.item_raw)
-    if item_raw.dtype.kind == "O":
-        item_raw = item_raw.astype(str)
-    np.savez(tmp / ITEMS_FILE, item_raw=item_raw)
-    manifest["items"]["sha256"] = _sha256(tmp / ITEMS_FILE)
-    users = manifest.get("users")
-    if users:
-        user_raw = np.asarray(ds.user_raw)
-        if user_raw.dtype.kind == "O":
-            user_raw = user_raw.astype(str)
-        arrays = {"user_raw": user_raw}
-        for f in users["fields"]:
-            arrays[f"user_table__{f}"] = np.asarray(ds.user_table[f], dtype=np.int64)
-        np.savez(tmp / USERS_FILE, **arrays)
-        users["sha256"] = _sha256(tmp / USERS_FILE)
+    from srp4ctr._files import sha256_file
+    from srp4ctr.data.dataset import save_serving_tables
+
+    names = save_serving_tables(ds, tmp)
+    manifest["tables"]["files"] = {n: {"bytes": (tmp / n).stat().st_size,
+                                       "sha256": sha256_file(tmp / n)} for n in names}
 
 
 def _manifest(engine, model, fm: FoldedModel, encoder: UserEncoderGraph, scorer: ScorerGraph,
@@ -627,13 +676,25 @@ def _manifest(engine, model, fm: FoldedModel, encoder: UserEncoderGraph, scorer:
     sc_out = [_io_spec("probs", f32, ["C"], "click probabilities"),
               _io_spec("logits", f32, ["C"], "logits (probs = sigmoid(logits))")]
 
-    users = None
-    if encoder.user_fields:
-        users = {"file": USERS_FILE, "fields": list(encoder.user_fields),
-                 "raw_id_kind": "int" if ds.user_raw.dtype.kind in "iu" else "str",
-                 "n_users": int(ds.n_users),
-                 "what": "user_raw[u] = raw id of internal user u (u >= 1, sorted); "
-                         "user_table__<f>[u] = user u's token of field f (row 0: unknown user)"}
+    mu_in = []
+    if NL:
+        mu_in += [_io_spec("k", f32, [NL, "N", H, Dh], "the users' caches' keys concatenated "
+                           "along the rows (each user >= 1 row; an empty history is one "
+                           "all-zero row)"),
+                  _io_spec("v", f32, [NL, "N", H, Dh], "their values, same shape as k"),
+                  _io_spec("kv_offsets", i64, ["B+1"], "user b's K/V rows are "
+                           "kv_offsets[b]:kv_offsets[b+1]; 0 first, N last, increasing")]
+    mu_in += [
+        _io_spec("head_user", f32, ["B", h1], "each user's head_user"),
+        _io_spec("cand_item", i64, ["Ct"], "the users' candidates concatenated, user by user",
+                 range=[1, V - 1]),
+        _io_spec("cand_offsets", i64, ["B+1"], "user b's candidates are "
+                 "cand_item[cand_offsets[b]:cand_offsets[b+1]]; 0 first, Ct last, "
+                 "non-decreasing"),
+    ]
+    mu_out = [_io_spec("probs", f32, ["Ct"], "click probabilities, in cand_item's order"),
+              _io_spec("logits", f32, ["Ct"], "logits")]
+
     return {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
@@ -650,10 +711,19 @@ def _manifest(engine, model, fm: FoldedModel, encoder: UserEncoderGraph, scorer:
                   "of a cache"},
             "C": {"min": 1, "max": None, "what": "candidates per scorer call (an empty list "
                   "needs no call)"},
+            "B": {"min": 1, "max": None, "what": "users per scorer_multi call"},
+            "N": {"min": 1, "max": None, "what": "K/V rows of all users of a scorer_multi call"},
+            "Ct": {"min": 1, "max": None, "what": "candidates of all users of a scorer_multi "
+                   "call"},
         },
         "graphs": {
             "user_encoder": {"file": ENCODER_FILE, "inputs": enc_in, "outputs": enc_out},
             "scorer": {"file": SCORER_FILE, "inputs": sc_in, "outputs": sc_out},
+            "scorer_multi": {
+                "file": MULTI_SCORER_FILE, "inputs": mu_in, "outputs": mu_out,
+                "what": "several users in one call (jagged: offsets per user); equal to scoring "
+                        "each user alone, at a cost that grows with Ct x N (every candidate's "
+                        "scores against all rows, other users' masked out)"},
         },
         "input_rules": [
             ("every input has exactly the dtype given (int64 ids, float32 cache tensors); "
@@ -669,11 +739,13 @@ def _manifest(engine, model, fm: FoldedModel, encoder: UserEncoderGraph, scorer:
              "row"),
             "an empty candidate list gives an empty result without calling the scorer",
         ],
-        "items": {"file": ITEMS_FILE, "n_items": int(ds.n_items), "oov_item": int(ds.oov_item),
-                  "raw_id_kind": "int" if ds.item_raw.dtype.kind in "iu" else "str",
-                  "what": "item_raw[i] = raw id of internal item i (i >= 1, sorted); an unknown "
-                          "raw id is the OOV item n_items + 1 (or an error, when strict)"},
-        "users": users,
+        "tables": {"what": "the dataset's serving tables (raw item and user id maps, item "
+                           "and user feature tables, behaviour-value rules, vocabularies): "
+                           "srp4ctr.data.dataset.load_serving_tables reads them, and its "
+                           "encode_user_history / encode_items turn raw histories and ids "
+                           "into the encoder's and scorer's inputs exactly as in training",
+                   "n_items": int(ds.n_items), "oov_item": int(ds.oov_item),
+                   "user_fields": list(encoder.user_fields), "files": {}},
         "history": {
             "max_len": L,
             "keys": ["item_id", "timestamp"] + ([ds.kind] if ds.kind else []) + ["user_id"],
@@ -719,9 +791,24 @@ def _verify(folder: Path, engine, manifest: dict) -> dict[str, Any]:
     sc = ort.InferenceSession(str(folder / SCORER_FILE), opts, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     enc_inputs = {i["name"]: i for i in manifest["graphs"]["user_encoder"]["inputs"]}
-    worst = {"encoder": 0.0, "probs": 0.0}
+    mu = ort.InferenceSession(str(folder / MULTI_SCORER_FILE), opts,
+                              providers=["CPUExecutionProvider"])
+    worst = {"encoder": 0.0, "probs": 0.0, "multi_probs": 0.0}
     L = int(engine.max_len)
-    for n in sorted({1, L}):
+    users: list[tuple[dict, Any]] = []  # (encoder outputs, engine cache)
+    for n in sorted({1, L}) + [0]:
+        if n == 0:  # an empty history: one padding position, hist_len 0
+            arrays = {"hist_item": np.zeros(1, np.int64), "hist_len": np.asarray(0, np.int64)}
+            for f in ds.behaviour_fields:
+                arrays[f"hist_{f}"] = np.zeros(1, np.int64)
+            for f, table in ds.user_table.items():
+                arrays[f"user_{f}"] = np.asarray(table[0], dtype=np.int64)
+            feed = {name: arrays[name] for name in enc_inputs}
+            outs = dict(zip([o.name for o in enc.get_outputs()], enc.run(None, feed)))
+            empty = {"hist_item": np.zeros(0, np.int64), "hist_len": np.asarray(0, np.int64),
+                     **{f"hist_{f}": np.zeros(0, np.int64) for f in ds.behaviour_fields}}
+            users.append((outs, engine._caches([empty], [None])[0]))
+            continue
         arrays = {"hist_item": rng.integers(1, ds.n_items + 2, size=n).astype(np.int64),
                   "hist_len": np.asarray(n, dtype=np.int64)}
         for f in ds.behaviour_fields:
@@ -732,6 +819,7 @@ def _verify(folder: Path, engine, manifest: dict) -> dict[str, Any]:
         outs = dict(zip([o.name for o in enc.get_outputs()], enc.run(None, feed)))
         cache = engine._caches([arrays], [None])[0]
         ref = {k: t.detach().float().cpu().numpy() for k, t in cache.tensors().items()}
+        users.append((outs, cache))
         for name, got in outs.items():
             worst["encoder"] = max(worst["encoder"], float(np.abs(got - ref[name]).max()))
         for C in (1, 257):
@@ -744,6 +832,23 @@ def _verify(folder: Path, engine, manifest: dict) -> dict[str, Any]:
                 want = torch.sigmoid(engine._backend.score_one(
                     cache, torch.as_tensor(ids, device=engine.device)).float()).cpu().numpy()
             worst["probs"] = max(worst["probs"], float(np.abs(probs - want).max()))
+    # several users in one scorer_multi call (one with no candidates) against each alone
+    counts = [3, 0, 7][: len(users)] + [2] * max(0, len(users) - 3)
+    ids = rng.integers(1, ds.n_items + 2, size=sum(counts)).astype(np.int64)
+    cand_off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    feed = {"head_user": np.stack([o["head_user"] for o, _ in users]), "cand_item": ids,
+            "cand_offsets": cand_off}
+    if "k" in users[0][0]:
+        feed["k"] = np.concatenate([o["k"] for o, _ in users], axis=1)
+        feed["v"] = np.concatenate([o["v"] for o, _ in users], axis=1)
+        feed["kv_offsets"] = np.concatenate(
+            [[0], np.cumsum([o["k"].shape[1] for o, _ in users])]).astype(np.int64)
+    probs = mu.run(["probs"], feed)[0]
+    with torch.no_grad():
+        want = np.concatenate([torch.sigmoid(engine._backend.score_one(
+            c, torch.as_tensor(ids[cand_off[b]:cand_off[b + 1]], device=engine.device)).float()
+        ).cpu().numpy() for b, (_, c) in enumerate(users) if counts[b]])
+    worst["multi_probs"] = float(np.abs(probs - want).max())
     if max(worst.values()) > VERIFY_ATOL:
         raise InputError(f"the exported graphs disagree with the engine by more than "
                          f"{VERIFY_ATOL}: {worst}")

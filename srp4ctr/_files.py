@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_dir", "sha256_file"]
+__all__ = ["atomic_write_dir", "sha256_file", "shareable"]
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -21,6 +21,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+def shareable(directory: str | os.PathLike) -> None:
+    """Give a folder made by :func:`tempfile.mkdtemp` (mode 0700) the permissions of an ordinary
+    new folder (0777 less the umask): for folders other processes serve from."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(directory, 0o777 & ~mask)
 
 
 def atomic_write_dir(final: str | os.PathLike, write) -> Path:

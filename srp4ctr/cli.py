@@ -203,6 +203,17 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     return cli_export_onnx(args)
 
 
+def _cmd_bundle(args: argparse.Namespace) -> int:
+    from srp4ctr.bundle import make_bundle
+
+    doc = make_bundle(args.run, args.out, dataset=args.dataset_dir, data_dir=args.data_dir)
+    files = {name: rec["bytes"] for name, rec in doc["files"].items()}
+    print(json.dumps({"out": str(args.out), "model_fingerprint": doc["model_fingerprint"],
+                      "dataset": doc["dataset"], "files": files,
+                      "bytes": sum(files.values())}, indent=2))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from srp4ctr.demo import run_demo
 
@@ -387,6 +398,24 @@ def build_parser() -> argparse.ArgumentParser:
     p_onnx.add_argument("--no-verify", action="store_true",
                         help="skip the ONNX Runtime check against the engine")
     p_onnx.set_defaults(func=_cmd_export_onnx)
+
+    p_bundle = sub.add_parser(
+        "bundle",
+        help="write a self-contained serving bundle of a fine-tuned SRP4CTR run",
+        description="Write OUT: the run's checkpoint and the dataset's serving tables (id maps, "
+        "item and user feature tables, behaviour-value rules, vocabularies; no interactions) "
+        "with bundle.json listing every file's size and sha256. Engine.load(OUT) then needs no "
+        "data directory and no download. Runs written by finetune are bundles already (this "
+        "copies the bundle's files only); for older runs the prepared dataset is found by the "
+        "checkpoint's dataset fingerprint under --data-dir, or given with --dataset-dir.",
+    )
+    p_bundle.add_argument("--run", required=True, help="fine-tuning run folder (kind srp4ctr)")
+    p_bundle.add_argument("--out", required=True,
+                          help="bundle folder to write (replaces an earlier bundle only)")
+    p_bundle.add_argument("--dataset-dir", default=None,
+                          help="the prepared dataset's folder (older runs only)")
+    p_bundle.add_argument("--data-dir", default=None, help="where prepared datasets are cached")
+    p_bundle.set_defaults(func=_cmd_bundle)
 
     p_demo = sub.add_parser(
         "demo",

@@ -51,6 +51,10 @@ class CheckpointError(InputError):
     """A checkpoint directory is missing files, truncated, or from another model."""
 
 
+class BundleError(CheckpointError):
+    """A serving bundle is incomplete, truncated, altered or of another format version."""
+
+
 class CacheError(InputError):
     """A user cache is invalid: from another model, truncated, or holding NaN/inf."""
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from srp4ctr._files import sha256_file
 from srp4ctr.data import features as F
 from srp4ctr.errors import DataError, InputError
 
@@ -28,6 +29,14 @@ SPLIT_RULE = (
 
 ARRAYS_FILE = "arrays.npz"
 META_FILE = "meta.json"
+
+#: the serving tables of a dataset (no interactions): what a model bundle or an ONNX export
+#: carries so that raw histories and candidate ids can be encoded without the training data
+SERVING_FORMAT = "srp4ctr-serving-tables"
+SERVING_VERSION = 1
+SERVING_META_FILE = "serving.json"
+SERVING_ARRAYS_FILE = "serving.npz"
+_SERVING_PREFIXES = ("item_table__", "user_table__")
 
 
 def _compact(a: np.ndarray) -> np.ndarray:
@@ -335,6 +344,23 @@ class PreparedDataset:
                 out[f"user_{f}"] = np.asarray(t[u], dtype=np.int64)
         return out
 
+    def serving_view(self, max_len: int | None = None) -> PreparedDataset:
+        """A copy that keeps only what serving needs (id maps, vocabularies, item and user
+        tables, behaviour-value rules), not the interaction arrays; same fingerprint."""
+        empty32, empty64 = np.zeros(0, np.int32), np.zeros(0, np.int64)
+        view = PreparedDataset(
+            name=self.name, user=empty32, item=empty32, timestamp=empty64,
+            label=np.zeros(0, np.int8), split=np.zeros(0, np.int8),
+            user_offsets=np.zeros(1, np.int64),
+            behaviour={f: empty64 for f in self.behaviour},
+            item_table=self.item_table, user_table=self.user_table,
+            item_raw=self.item_raw, user_raw=self.user_raw, meta=self.meta,
+            max_len=self.max_len if max_len is None else max_len,
+        )
+        view.fingerprint = self.fingerprint
+        view.path = self.path
+        return view
+
     # ----------------------------------------------------------------------------- storage
     def arrays(self) -> dict[str, np.ndarray]:
         """Every array, under its storage key, in canonical dtypes (the fingerprint's input)."""
@@ -380,6 +406,98 @@ class PreparedDataset:
             json.dump(meta, f, indent=1, sort_keys=False)
             f.flush()
             os.fsync(f.fileno())
+
+
+def save_serving_tables(ds: PreparedDataset, directory: str | os.PathLike) -> list[str]:
+    """Write ``ds``'s serving tables into ``directory`` (which must exist): ``serving.npz`` (raw
+    item and user ids, item and user feature tables) and ``serving.json`` (the dataset's meta:
+    vocabularies, fields, behaviour-value rules, fingerprint; and the npz's sha256). Returns
+    the names of the files written. Read back with :func:`load_serving_tables`."""
+    d = Path(directory)
+    arrays: dict[str, np.ndarray] = {"item_raw": np.asarray(ds.item_raw),
+                                     "user_raw": np.asarray(ds.user_raw)}
+    for f in sorted(ds.item_table):
+        arrays[f"item_table__{f}"] = _compact(ds.item_table[f])
+    for f in sorted(ds.user_table):
+        arrays[f"user_table__{f}"] = _compact(ds.user_table[f])
+    for k, a in arrays.items():
+        if a.dtype.kind == "O":
+            arrays[k] = a.astype(str)
+    npz = d / SERVING_ARRAYS_FILE
+    with open(npz, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    doc = {"format": SERVING_FORMAT, "format_version": SERVING_VERSION, "name": ds.name,
+           "fingerprint": ds.fingerprint, "max_len": int(ds.max_len),
+           "arrays": {"file": SERVING_ARRAYS_FILE, "sha256": sha256_file(npz),
+                      "bytes": npz.stat().st_size},
+           "meta": {**ds.meta, "fingerprint": ds.fingerprint}}
+    with open(d / SERVING_META_FILE, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return [SERVING_META_FILE, SERVING_ARRAYS_FILE]
+
+
+def load_serving_tables(directory: str | os.PathLike,
+                        max_len: int | None = None) -> PreparedDataset:
+    """The serving view (:meth:`PreparedDataset.serving_view`) stored in ``directory`` by
+    :func:`save_serving_tables`: it encodes histories and item ids exactly as the full dataset
+    does, and has its fingerprint, but holds no interactions.
+
+    Raises :class:`DataError` naming the file: missing, unreadable, of another format or
+    version, or an npz whose sha256 is not the one recorded (truncated or replaced).
+    """
+    d = Path(directory)
+    mpath, apath = d / SERVING_META_FILE, d / SERVING_ARRAYS_FILE
+    for p in (mpath, apath):
+        if not p.is_file():
+            raise DataError("missing (not a folder with serving tables)", path=str(p))
+    try:
+        doc = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"unreadable: {e}", path=str(mpath)) from None
+    if not isinstance(doc, dict) or doc.get("format") != SERVING_FORMAT:
+        raise DataError(f"not a {SERVING_FORMAT} file", path=str(mpath))
+    if doc.get("format_version") != SERVING_VERSION:
+        raise DataError(f"format version {doc.get('format_version')!r}, this srp4ctr reads "
+                        f"{SERVING_VERSION}", path=str(mpath))
+    want = (doc.get("arrays") or {}).get("sha256") if isinstance(doc.get("arrays"), dict) else None
+    if sha256_file(apath) != want:
+        raise DataError(f"sha256 does not match {SERVING_META_FILE} (truncated or replaced)",
+                        path=str(apath))
+    try:
+        with np.load(apath, allow_pickle=False) as z:
+            arr = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"unreadable: {e}", path=str(apath)) from None
+
+    def pick(prefix: str) -> dict[str, np.ndarray]:
+        return {k[len(prefix):]: v for k, v in arr.items() if k.startswith(prefix)}
+
+    meta = doc.get("meta")
+    try:
+        if not isinstance(meta, dict):
+            raise KeyError("meta")
+        empty32, empty64 = np.zeros(0, np.int32), np.zeros(0, np.int64)
+        ds = PreparedDataset(
+            name=str(doc["name"]), user=empty32, item=empty32, timestamp=empty64,
+            label=np.zeros(0, np.int8), split=np.zeros(0, np.int8),
+            user_offsets=np.zeros(1, np.int64),
+            behaviour={f: empty64 for f in meta["behaviour_fields"]},
+            item_table=pick("item_table__"), user_table=pick("user_table__"),
+            item_raw=arr["item_raw"], user_raw=arr["user_raw"], meta=meta,
+            max_len=int(doc["max_len"]) if max_len is None else max_len,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"serving tables lack or garble {e}", path=str(d)) from None
+    if ds.item_raw.shape[0] != ds.n_items + 1 or ds.user_raw.shape[0] != ds.n_users + 1:
+        raise DataError("id maps do not match the item and user counts", path=str(apath))
+    ds.fingerprint = str(doc["fingerprint"])
+    ds.path = d
+    return ds
 
 
 def load_prepared(

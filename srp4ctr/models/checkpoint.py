@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,12 @@ def save_checkpoint(
     path: str | os.PathLike,
     model: torch.nn.Module,
     config: dict[str, Any],
+    extra: Callable[[Path], Any] | None = None,
 ) -> Path:
-    """Write ``model``'s weights and ``config`` (JSON-able) atomically to directory ``path``."""
+    """Write ``model``'s weights and ``config`` (JSON-able) atomically to directory ``path``.
+
+    ``extra(folder)``, if given, writes more files into the folder once the checkpoint's are
+    there, before it is renamed into place (the serving bundle's, :mod:`srp4ctr.bundle`)."""
     from safetensors.torch import save_file
 
     def write(tmp: Path) -> None:
@@ -77,6 +82,8 @@ def save_checkpoint(
         with open(tmp / CONFIG_FILE, "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
             f.write("\n")
+        if extra is not None:
+            extra(tmp)
 
     return atomic_write_dir(path, write)
 

@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from srp4ctr import metrics
+from srp4ctr.bundle import write_bundle_files
 from srp4ctr.errors import InputError
+from srp4ctr.models import SRP4CTR
 from srp4ctr.models.checkpoint import load_model, save_checkpoint
 from srp4ctr.models.registry import model_entry, model_kinds
 from srp4ctr.train.config import TrainConfig
@@ -403,7 +405,7 @@ def _save_run(out_dir, model, kind, spec, mcfg, cfg, ds, result, curve_keys) -> 
         "train_config": cfg.to_dict(),
         "dataset": _dataset_info(ds),
         "metrics": {k: result[k] for k in ("valid", "test") if k in result},
-    })
+    }, extra=(lambda tmp: write_bundle_files(tmp, ds)) if kind == SRP4CTR.kind else None)
     _write_json(out / "metrics.json", result)
     plot_curves(result["history"], out / "curves.png", f"{kind} on {ds.name}", curve_keys)
 
