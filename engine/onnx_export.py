@@ -745,6 +745,7 @@ def _manifest(engine, model, fm: FoldedModel, encoder: UserEncoderGraph, scorer:
                            "encode_user_history / encode_items turn raw histories and ids "
                            "into the encoder's and scorer's inputs exactly as in training",
                    "n_items": int(ds.n_items), "oov_item": int(ds.oov_item),
+                   "raw_id_kind": "int" if ds.item_raw.dtype.kind in "iu" else "str",
                    "user_fields": list(encoder.user_fields), "files": {}},
         "history": {
             "max_len": L,

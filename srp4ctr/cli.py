@@ -203,6 +203,12 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     return cli_export_onnx(args)
 
 
+def _cmd_export_triton(args: argparse.Namespace) -> int:
+    from srp4ctr.engine.triton_export import cli_export_triton
+
+    return cli_export_triton(args)
+
+
 def _cmd_bundle(args: argparse.Namespace) -> int:
     from srp4ctr.bundle import make_bundle
 
@@ -398,6 +404,34 @@ def build_parser() -> argparse.ArgumentParser:
     p_onnx.add_argument("--no-verify", action="store_true",
                         help="skip the ONNX Runtime check against the engine")
     p_onnx.set_defaults(func=_cmd_export_onnx)
+
+    p_triton = sub.add_parser(
+        "export-triton",
+        help="export a fine-tuned SRP4CTR run as an NVIDIA Triton Inference Server repository",
+        description="Write OUT, a Triton model repository: NAME_user_encoder, NAME_scorer and "
+        "NAME_scorer_multi (ONNX Runtime backend, config.pbtxt with dynamic axes and instance "
+        "groups) and the ensemble NAME (encoder, then scorer; its 1/ folder also holds the "
+        "manifest and serving tables clients encode raw histories with). The graphs are "
+        "checked against the engine in ONNX Runtime and every config.pbtxt is parsed with "
+        "Triton's model-config schema (tritonclient). Prints a summary as JSON.",
+    )
+    p_triton.add_argument("--run", dest="checkpoint", required=True,
+                          help="fine-tuning run or bundle (kind srp4ctr)")
+    p_triton.add_argument("--out", required=True,
+                          help="repository folder (replaces an earlier one of this command)")
+    p_triton.add_argument("--name", default="srp4ctr",
+                          help="the ensemble's name, prefix of the other models' (default "
+                          "%(default)s)")
+    p_triton.add_argument("--instances", type=int, default=1,
+                          help="instances of each model (default %(default)s)")
+    p_triton.add_argument("--kind", choices=["cpu", "gpu"], default="cpu",
+                          help="instance kind (default %(default)s)")
+    p_triton.add_argument("--threads", type=int, default=None,
+                          help="ONNX Runtime intra-op threads per instance (default: Triton's)")
+    p_triton.add_argument("--dataset-dir", default=None,
+                          help="the prepared dataset's folder (runs that are not bundles)")
+    p_triton.add_argument("--data-dir", default=None, help="where prepared datasets are cached")
+    p_triton.set_defaults(func=_cmd_export_triton)
 
     p_bundle = sub.add_parser(
         "bundle",

@@ -1,5 +1,5 @@
-"""ONNX export (``srp4ctr.engine.onnx_export``) and the torch-free serving example
-(``examples/serve_onnx.py``) on a real tiny pipeline: a MovieLens-1M-format folder, ``prepare``,
+"""ONNX export (``srp4ctr.engine.onnx_export``), the torch-free runtime that serves it
+(``srp4ctr.serving``) and its example script (``examples/serve_onnx.py``) on a real tiny pipeline: a MovieLens-1M-format folder, ``prepare``,
 a model fine-tuned one step by ``finetune`` (max_len 200, small d), exported through the CLI.
 
 Tolerance: ONNX Runtime's probabilities must equal the engine's (and the training forward's)
@@ -34,7 +34,8 @@ from srp4ctr.engine.onnx_export import (
     export_onnx,
     read_manifest,
 )
-from srp4ctr.errors import CheckpointError, InputError
+from srp4ctr.errors import CheckpointError, InputError, UnknownItemError
+from srp4ctr.serving import Scorer, UserCache
 from srp4ctr.models import FGBERT, SRP4CTR, ModelConfig, ModelSpec
 from srp4ctr.train import TrainConfig, finetune, load_model
 from srp4ctr.train.checkpoint import read_config, save_checkpoint
@@ -46,17 +47,6 @@ torch.set_num_threads(1)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "serve_onnx.py"
 
-
-def _load_example():
-    """examples/serve_onnx.py as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("serve_onnx", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["serve_onnx"] = module  # dataclasses look their module up while building
-    spec.loader.exec_module(module)
-    return module
-
-
-serve_onnx = _load_example()
 
 ATOL = 1e-5
 CONFIG = {"d_model": 16, "n_layers": 2, "n_heads": 2, "max_len": 200, "n_queries": 2,
@@ -117,7 +107,7 @@ def exported(cli_run):
 
 @pytest.fixture(scope="module")
 def server(exported):
-    return serve_onnx.OnnxServer(exported, threads=1)
+    return Scorer.load(exported, threads=1)
 
 
 def random_history(ds, n: int, rng, *, user_id=None, unknown: bool = False) -> dict:
@@ -155,8 +145,8 @@ def test_export_folder_manifest_and_graphs(cli_run, exported, ckpt, tiny):
     status, summary, _ = cli_run
     assert status == 0 and summary["attention"] == "matmul" and summary["opset"] == 20
     files = sorted(p.name for p in exported.iterdir())
-    assert files == ["items.npz", "manifest.json", "scorer.onnx", "user_encoder.onnx",
-                     "users.npz"]
+    assert files == ["manifest.json", "scorer.onnx", "scorer_multi.onnx", "serving.json",
+                     "serving.npz", "user_encoder.onnx"]
     m = read_manifest(exported)
     assert m["model_fingerprint"] == read_config(ckpt)["weights_sha256"]
     assert m["dataset"]["fingerprint"] == tiny.fingerprint
@@ -229,7 +219,7 @@ def test_encoder_and_scorer_equal_the_engine(exported, engine, tiny):
 
 def test_onnx_equals_the_training_forward(exported, engine, tiny):
     model, _ = load_model(engine.checkpoint, dataset_fingerprint=tiny.fingerprint)
-    server = serve_onnx.OnnxServer(exported, threads=1)
+    server = Scorer.load(exported, threads=1)
     rng = np.random.default_rng(1)
     for n, user in ((1, 2), (200, 5), (37, None)):
         h = random_history(tiny, n, rng, user_id=None if user is None else int(tiny.user_raw[user]))
@@ -310,12 +300,13 @@ def test_ablations_export_and_serve(tiny, root, config):
     m = export_engine(eng, out, attention="matmul", external_data=external)
     names = [o["name"] for o in m["graphs"]["user_encoder"]["outputs"]]
     data_files = sorted(p.name for p in out.glob("*.onnx.data"))
-    assert data_files == (["scorer.onnx.data", "user_encoder.onnx.data"] if external else [])
+    assert data_files == (["scorer.onnx.data", "scorer_multi.onnx.data",
+                           "user_encoder.onnx.data"] if external else [])
     if not cfg.use_xattn:
         assert names == ["head_user", "qtokens", "pooled"] and m["dims"]["NL"] == 0
     else:
-        assert names == ["k", "v", "head_user"] and m["users"] is None
-    srv = serve_onnx.OnnxServer(out, threads=1)
+        assert names == ["k", "v", "head_user"] and m["tables"]["user_fields"] == []
+    srv = Scorer.load(out, threads=1)
     rng = np.random.default_rng(5)
     for n in (0, 1, 40):
         h = random_history(tiny, n, rng, user_id=int(tiny.user_raw[3]))
@@ -343,8 +334,8 @@ def test_string_ids_and_behaviour_types(tmp_path):
     model = SRP4CTR(ModelSpec.from_dataset(ds), ModelConfig(**{**CONFIG, "max_len": 8})).eval()
     eng = Engine.from_model(model, ds)
     m = export_engine(eng, tmp_path / "onnx")
-    assert m["items"]["raw_id_kind"] == "str" and m["history"]["behaviour_kind"] == "behavior"
-    srv = serve_onnx.OnnxServer(tmp_path / "onnx", threads=1)
+    assert m["tables"]["raw_id_kind"] == "str" and m["history"]["behaviour_kind"] == "behavior"
+    srv = Scorer.load(tmp_path / "onnx", threads=1)
     h = {"item_id": ["item-3", "item-7", "item-99", "item-1", "item-0"] * 2,
          "timestamp": [1, 50, 50, 900, 901, 902, 903, 904, 905, 2000],
          "behavior": ["pv", "buy", "cart", "pv", "fav"] * 2, "user_id": "u2"}
@@ -354,16 +345,16 @@ def test_string_ids_and_behaviour_types(tmp_path):
     cands = ["item-1", "item-3", "item-12"]
     assert maxdiff(srv.score(srv.encode_user(h), cands),
                    eng.score(eng.encode_user(h), cands).numpy()) <= ATOL
-    with pytest.raises(serve_onnx.UnknownItemError):
-        srv.score(srv.encode_user(h), ["nope"])
-    with pytest.raises(serve_onnx.ServingInputError, match="unknown behaviour"):
+    with pytest.raises(UnknownItemError):
+        srv.score(srv.encode_user(h), ["nope"], strict=True)
+    with pytest.raises(InputError, match="unknown behaviour"):
         srv.encode_user({**h, "behavior": ["teleport"] * 10})
 
 
 # ----------------------------------------------------------------------------- serving example
-def test_example_history_encoding_equals_the_pipeline(server, tiny):
-    """The example's numpy re-implementation of the behaviour-field rules (value token, gap
-    bucket, hour, weekday), the time order and the id maps give the pipeline's arrays."""
+def test_scorer_history_encoding_equals_the_pipeline(server, tiny):
+    """The scorer encodes histories with the pipeline's own code over the folder's serving
+    tables (id maps, user table, behaviour rules): the arrays of the full prepared dataset."""
     rng = np.random.default_rng(3)
     cases = [random_history(tiny, n, rng, user_id=u, unknown=True)
              for n, u in ((0, None), (1, 7), (2, 10**6), (50, 3), (200, 4), (260, None))]
@@ -378,23 +369,16 @@ def test_example_history_encoding_equals_the_pipeline(server, tiny):
         for key in [k for k in want if k != "user"]:
             assert np.array_equal(got[key], want[key]), key
             assert np.asarray(got[key]).dtype == np.int64
-    # the time rules on their own, over a wide range of gaps
-    ts = np.sort(rng.integers(-10**6, 2**40, size=5000))
-    ts[100:120] = ts[100]
-    want = features.behaviour_features(ts)
-    got = serve_onnx._time_tokens(ts, server.manifest["history"]["gap"])
-    for f in ("gap", "hour", "weekday"):
-        assert np.array_equal(got[f], want[f]), f
 
 
 def _run_example(args: list[str]) -> subprocess.CompletedProcess:
-    """The example as a script, in a process where importing torch (or srp4ctr) fails and
-    sys.modules is checked for them at exit."""
+    """The example as a script, in a process where importing torch fails and sys.modules is
+    checked for it at exit."""
     guard = (
         "import sys, runpy, importlib.abc\n"
         "class Block(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'srp4ctr'):\n"
+        "        if name.split('.')[0] == 'torch':\n"
         "            raise ImportError('blocked in this test: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         f"sys.argv = [{str(EXAMPLE)!r}] + {args!r}\n"
@@ -403,7 +387,7 @@ def _run_example(args: list[str]) -> subprocess.CompletedProcess:
         f"    runpy.run_path({str(EXAMPLE)!r}, run_name='__main__')\n"
         "except SystemExit as e:\n"
         "    code = e.code\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'srp4ctr'))\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'torch')\n"
         "assert not bad, bad\n"
         "print('MODULES-OK', file=sys.stderr)\n"
         "sys.exit(code)\n"
@@ -435,7 +419,7 @@ def test_example_script_without_torch_equals_the_engine(exported, engine, tiny, 
     assert "MODULES-OK" in proc.stderr
 
 
-def test_example_function_empty_and_long_histories(server, engine, tiny):
+def test_scorer_function_empty_and_long_histories(server, engine, tiny):
     empty = {"item_id": [], "rating": [], "timestamp": []}
     c = server.encode_user(empty)
     assert c.length == 0 and c.k.shape == (2, 0, 2, 8)
@@ -446,9 +430,9 @@ def test_example_function_empty_and_long_histories(server, engine, tiny):
     assert server.score(c, []).shape == (0,)
     long = random_history(tiny, 260, np.random.default_rng(9), user_id=1)
     assert server.encode_user(long).length == 200
-    # unknown ids: refused by default, the OOV item with strict=False (as the engine)
-    with pytest.raises(serve_onnx.UnknownItemError, match="unknown"):
-        server.score(c, [1, 10**9])
+    # unknown ids: the OOV item by default, refused with strict=True (as the engine)
+    with pytest.raises(UnknownItemError, match="unknown"):
+        server.score(c, [1, 10**9], strict=True)
     assert maxdiff(server.score(c, [1, 10**9], strict=False),
                    engine.score(ce, [1, 10**9]).numpy()) <= ATOL
 
@@ -462,17 +446,17 @@ class _NoRuntime:
 
 @pytest.fixture
 def guarded(exported):
-    srv = serve_onnx.OnnxServer(exported, threads=1)
+    srv = Scorer.load(exported, threads=1)
     good = srv.encode_user({"item_id": [1, 2, 3], "rating": [4, 5, 1],
                             "timestamp": [10, 20, 30]})
-    srv.encoder = srv.scorer = _NoRuntime()
+    srv.encoder = srv.scorer = srv.multi = _NoRuntime()
     return srv, good
 
 
 def _cache(good, **changes):
     fields = {k: getattr(good, k) for k in ("k", "v", "head_user", "qtokens", "pooled",
                                              "fingerprint")}
-    return serve_onnx.UserCache(**{**fields, **changes})
+    return UserCache(**{**fields, **changes})
 
 
 BAD_CACHES = {  # name: (changed fields from the good cache, expected message)
@@ -492,10 +476,10 @@ BAD_CACHES = {  # name: (changed fields from the good cache, expected message)
 
 
 @pytest.mark.parametrize("name", list(BAD_CACHES))
-def test_example_refuses_bad_caches_before_onnx_runtime(guarded, name):
+def test_scorer_refuses_bad_caches_before_onnx_runtime(guarded, name):
     srv, good = guarded
     change, message = BAD_CACHES[name]
-    with pytest.raises(serve_onnx.ServingInputError, match=message):
+    with pytest.raises(InputError, match=message):
         srv.score(_cache(good, **change(good)), [1, 2])
 
 
@@ -507,9 +491,9 @@ def test_example_refuses_bad_caches_before_onnx_runtime(guarded, name):
     (np.array([[1, 2]]), "one-dimensional"),
     ([1, 2], "numpy array"),
 ])
-def test_example_refuses_bad_internal_ids_before_onnx_runtime(guarded, cands, message):
+def test_scorer_refuses_bad_internal_ids_before_onnx_runtime(guarded, cands, message):
     srv, good = guarded
-    with pytest.raises(serve_onnx.ServingInputError, match=message):
+    with pytest.raises(InputError, match=message):
         srv.score_ids(good, cands)
 
 
@@ -517,13 +501,13 @@ def test_example_refuses_bad_internal_ids_before_onnx_runtime(guarded, cands, me
     ([1, -3], "non-negative"), ([1.5], "non-integer"), ([True, 2], "bool"),
     (["a", "b"], "integers"), ([[1, 2]], "one-dimensional"), ([10**9], "unknown"),
 ])
-def test_example_refuses_bad_raw_ids_before_onnx_runtime(guarded, cands, message):
+def test_scorer_refuses_bad_raw_ids_before_onnx_runtime(guarded, cands, message):
     srv, good = guarded
-    with pytest.raises(serve_onnx.ServingInputError, match=message):
-        srv.score(good, cands)
+    with pytest.raises(InputError, match=message):
+        srv.score(good, cands, strict=True)
 
 
-def test_example_refuses_bad_encoder_input_before_onnx_runtime(guarded, tiny):
+def test_scorer_refuses_bad_encoder_input_before_onnx_runtime(guarded, tiny):
     srv, _ = guarded
     arrays = srv.encode_history(random_history(tiny, 5, np.random.default_rng(0), user_id=1))
     bad = [
@@ -536,7 +520,7 @@ def test_example_refuses_bad_encoder_input_before_onnx_runtime(guarded, tiny):
           for k, v in arrays.items()}, "1..200"),
     ]
     for feed, message in bad:
-        with pytest.raises(serve_onnx.ServingInputError, match=message):
+        with pytest.raises(InputError, match=message):
             srv.run_encoder(feed)
     for h, message in [
         ({"item_id": [1, 2], "rating": [4], "timestamp": [1, 2]}, "rating"),
@@ -545,7 +529,7 @@ def test_example_refuses_bad_encoder_input_before_onnx_runtime(guarded, tiny):
         ({"item_id": [1], "rating": [4], "timestamp": [float("nan")]}, "NaN"),
         ({"item_id": "12", "rating": [4], "timestamp": [1]}, "string"),
     ]:
-        with pytest.raises(serve_onnx.ServingInputError, match=message):
+        with pytest.raises(InputError, match=message):
             srv.encode_user(h)
 
 
@@ -566,14 +550,14 @@ def test_onnx_runtime_itself_refuses_what_the_manifest_forbids(exported, engine)
         sc.run(None, {**feed, "v": feed["v"][:, :2]})
 
 
-def test_example_refuses_a_damaged_folder(exported, tmp_path):
+def test_scorer_refuses_a_damaged_folder(exported, tmp_path):
     import shutil
 
     bad = tmp_path / "bad"
     shutil.copytree(exported, bad)
     (bad / "scorer.onnx").write_bytes((bad / "scorer.onnx").read_bytes()[:-10])
-    with pytest.raises(serve_onnx.ServingInputError, match="sha256"):
-        serve_onnx.OnnxServer(bad)
+    with pytest.raises(CheckpointError, match="sha256"):
+        Scorer.load(bad)
     (bad / "manifest.json").write_text("{}")
-    with pytest.raises(serve_onnx.ServingInputError, match="not an srp4ctr"):
-        serve_onnx.OnnxServer(bad)
+    with pytest.raises(CheckpointError, match="not an srp4ctr"):
+        Scorer.load(bad)

@@ -86,18 +86,20 @@ Samples (:mod:`srp4ctr.data.samples`)
 
 from srp4ctr.data.dataset import SPLIT_NAMES, PreparedDataset, load_prepared
 from srp4ctr.data.features import behaviour_features, encode_values
-from srp4ctr.data.loaders import KNOWN_DATASETS, parse_columns
-from srp4ctr.data.pipeline import build, default_data_dir, prepare
 
 _SAMPLES = ("PretrainDataset", "CTRDataset", "NextItemDataset", "collate")
+# the loaders and the pipeline import pandas (and the samples torch): loaded when first asked
+# for, so that serving (srp4ctr.serving reads srp4ctr.data.dataset) needs numpy alone
+_LAZY = {**{name: "samples" for name in _SAMPLES},
+         "KNOWN_DATASETS": "loaders", "parse_columns": "loaders",
+         "build": "pipeline", "default_data_dir": "pipeline", "prepare": "pipeline"}
 
 
 def __getattr__(name: str):
-    # the torch-facing samples import torch: only when asked for
-    if name in _SAMPLES:
-        from srp4ctr.data import samples
+    if name in _LAZY:
+        import importlib
 
-        return getattr(samples, name)
+        return getattr(importlib.import_module(f"srp4ctr.data.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'srp4ctr.data' has no attribute {name!r}")
 
 
