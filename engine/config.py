@@ -33,8 +33,16 @@ import torch
 
 from srp4ctr.errors import InputError
 
-__all__ = ["DEFAULT_MAX_CHUNK_BYTES", "DEFAULT_MAX_TABLE_BYTES", "DEFAULT_TILE", "ENV",
-           "BACKEND_NAMES", "EngineConfig", "as_device", "as_dtype"]
+__all__ = [
+    "BACKEND_NAMES",
+    "DEFAULT_MAX_CHUNK_BYTES",
+    "DEFAULT_MAX_TABLE_BYTES",
+    "DEFAULT_TILE",
+    "ENV",
+    "EngineConfig",
+    "as_device",
+    "as_dtype",
+]
 
 #: working memory of one scoring chunk, per device type. On CPU a small budget keeps a chunk's
 #: scores and FFN activations in the caches: ≈ 800 candidates at history 200, d = 64, measured

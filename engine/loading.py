@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from srp4ctr.bundle import is_bundle, read_bundle

@@ -226,7 +226,6 @@ def validate_repository(repo: str | os.PathLike) -> dict[str, Any]:
         InputError: the first problem found.
     """
     import onnx
-
     from tritonclient.grpc import model_config_pb2 as mc
 
     repo = Path(repo)

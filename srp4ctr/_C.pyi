@@ -4,12 +4,12 @@ The engine's wrappers (``srp4ctr.engine.backends.cpp``) are the supported way to
 check dtypes, shapes and contiguity and keep the buffers alive for the call.
 """
 
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
-_F32 = npt.NDArray[np.float32]
+_F32: TypeAlias = npt.NDArray[np.float32]
 
 class Tower:
     """The candidate side of one model: packed weights, scored tile by tile over a pool."""

@@ -12,7 +12,6 @@ kernels and still fails on any real mistake (a wrong mask, feature, table row or
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -25,7 +24,6 @@ import torch
 from train_fixtures import model_probs, perturbed, prepare_tiny
 
 from srp4ctr import data
-from srp4ctr.data import features
 from srp4ctr.engine import Engine
 from srp4ctr.engine.onnx_export import (
     ScorerGraph,
@@ -35,8 +33,8 @@ from srp4ctr.engine.onnx_export import (
     read_manifest,
 )
 from srp4ctr.errors import CheckpointError, InputError, UnknownItemError
-from srp4ctr.serving import Scorer, UserCache
 from srp4ctr.models import FGBERT, SRP4CTR, ModelConfig, ModelSpec
+from srp4ctr.serving import Scorer, UserCache
 from srp4ctr.train import TrainConfig, finetune, load_model
 from srp4ctr.train.checkpoint import read_config, save_checkpoint
 

@@ -25,8 +25,17 @@ from srp4ctr.errors import CacheError, CheckpointError, InputError, UnknownItemE
 
 from .inputs import History
 
-__all__ = ["CacheError", "CheckpointError", "History", "InputError", "PRECISIONS", "RUNTIMES",
-           "Scorer", "UnknownItemError", "UserCache"]
+__all__ = [
+    "PRECISIONS",
+    "RUNTIMES",
+    "CacheError",
+    "CheckpointError",
+    "History",
+    "InputError",
+    "Scorer",
+    "UnknownItemError",
+    "UserCache",
+]
 
 _LAZY = {"Scorer": "scorer", "UserCache": "scorer", "RUNTIMES": "runtime",
          "PRECISIONS": "runtime"}

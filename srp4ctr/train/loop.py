@@ -29,7 +29,6 @@ from srp4ctr.models.registry import model_entry, model_kinds
 from srp4ctr.train.config import TrainConfig
 from srp4ctr.train.distributed import World, all_mean, gather_objects, init_world
 
-
 # --------------------------------------------------------------------------------------------
 # helpers
 
