@@ -255,9 +255,12 @@ def write_ml1m(folder: Path, n_users: int = 8, n_items: int = N_ITEMS,
     return folder
 
 
-def raw_history(ds, user: int) -> dict:
-    """User ``user``'s whole raw history (raw ids, ratings, unix seconds), as a caller has it."""
+def raw_history(ds, user: int, end: int | None = None) -> dict:
+    """User ``user``'s raw history (raw ids, ratings, unix seconds), as a caller has it: all of
+    it, or its rows before flat row ``end`` (a sample's own history)."""
     rows = ds.user_rows(user)
+    if end is not None:
+        rows = slice(rows.start, end)
     return {
         "item_id": ds.item_raw[ds.item[rows]],
         "rating": np.asarray(ds.value_vocab)[ds.behaviour["rating"][rows] - 1],

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchlib import raw_history
+
 PATHS = {  # name: (backend, dtype, the C++ instruction set or None for the default)
     "torch_fp32": ("torch", torch.float32, None),
     "cpp_fp32": ("cpp", torch.float32, None),
@@ -53,17 +55,6 @@ def _load(run, ds, backend, dtype, isa):
 
     return Engine.load(run, dataset=ds, backend=backend, dtype=dtype,
                        **({} if isa is None else {"isa": isa}))
-
-
-def _history(ds, user: int, end: int) -> dict:
-    rows = ds.user_rows(user)
-    sl = slice(rows.start, end)
-    return {
-        "item_id": ds.item_raw[ds.item[sl]],
-        "rating": np.asarray(ds.value_vocab)[ds.behaviour["rating"][sl] - 1],
-        "timestamp": ds.timestamp[sl],
-        "user_id": int(ds.user_raw[user]),
-    }
 
 
 def main(argv=None) -> dict:
@@ -106,11 +97,11 @@ def main(argv=None) -> dict:
         test_p = np.empty(len(test_rows))
         # one request per test sample: its own history (the user's rows before it)
         for i, (u, r) in enumerate(zip(users, test_rows)):
-            c = e.encode_user(_history(ds, int(u), int(r)))
+            c = e.encode_user(raw_history(ds, int(u), int(r)))
             test_p[i] = float(e.score(c, [cand[i]])[0])
         cat = []
         for u in range(1, ds.n_users + 1):
-            c = e.encode_user(_history(ds, u, ds.user_rows(u).stop))
+            c = e.encode_user(raw_history(ds, u, ds.user_rows(u).stop))
             cat.append(e.score(c, catalogue).numpy())
         cat_p = np.concatenate(cat)
         if ref_test is None:

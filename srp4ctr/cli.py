@@ -328,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune",
         help="train a CTR model (SRP4CTR or a baseline)",
         description="Train a CTR model with BCE on the training split; early stopping on "
-        "validation AUC; writes a checkpoint directory, metrics.json and curves.png.",
+        "validation AUC; writes a checkpoint directory, metrics.json and curves.png. An "
+        "SRP4CTR run folder is also a serving bundle (the dataset's serving tables and "
+        "bundle.json beside the weights): Engine.load(OUT) needs no data directory.",
     )
     _add_data_args(p_ft)
     p_ft.add_argument("--out", required=True, help="checkpoint directory to write")
@@ -380,14 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_onnx = sub.add_parser(
         "export-onnx",
         help="export a fine-tuned SRP4CTR checkpoint to ONNX (user encoder + scorer)",
-        description="Export a fine-tuning checkpoint to OUT: user_encoder.onnx (history -> "
-        "per-layer K/V, Q-Former tokens, head user block), scorer.onnx (cache + candidate ids "
-        "-> click probabilities), manifest.json and the id maps a torch-free server needs "
-        "(see examples/serve_onnx.py). Both graphs are checked against the engine in ONNX "
-        "Runtime unless --no-verify. Prints the manifest's summary as JSON.",
+        description="Export a fine-tuning checkpoint or bundle to OUT: user_encoder.onnx "
+        "(history -> per-layer K/V, Q-Former tokens, head user block), scorer.onnx (cache + "
+        "candidate ids -> click probabilities), scorer_multi.onnx (several users per call, "
+        "jagged offsets), manifest.json and the dataset's serving tables, all that "
+        "srp4ctr.serving (numpy + ONNX Runtime or OpenVINO, no torch) needs. The graphs are "
+        "checked against the engine in ONNX Runtime unless --no-verify. Prints the manifest's "
+        "summary as JSON.",
     )
     p_onnx.add_argument("--run", dest="checkpoint", required=True,
-                        help="fine-tuning checkpoint directory (kind srp4ctr)")
+                        help="fine-tuning run, checkpoint or bundle (kind srp4ctr)")
     p_onnx.add_argument("--out", required=True, help="output folder (replaces an earlier export)")
     p_onnx.add_argument("--dataset-dir", default=None,
                         help="the prepared dataset's folder (default: found under --data-dir by "
@@ -401,6 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--opset 23); default %(default)s = matmul, measured as fast")
     p_onnx.add_argument("--external-data", action="store_true",
                         help="keep weights in <graph>.onnx.data files (automatic above 1 GiB)")
+    p_onnx.add_argument("--int8", action="store_true",
+                        help="also write ONNX Runtime's dynamic int8 quantisation of the "
+                        "scorers (srp4ctr.serving: precision='int8'); not equal to fp32: check "
+                        "it on your validation split (bench/serving_variants.py)")
     p_onnx.add_argument("--no-verify", action="store_true",
                         help="skip the ONNX Runtime check against the engine")
     p_onnx.set_defaults(func=_cmd_export_onnx)

@@ -189,3 +189,38 @@ def test_bf16_precision_runs_and_stays_close(setup):
     got = scorer.score(scorer.encode_user(h), cands[4])
     want = engine.score(engine.encode_user(h), cands[4]).numpy()
     assert np.abs(got - want).max() <= 0.05
+
+
+def test_int8_scorers_are_offered_not_equal(setup, tmp_path):
+    """``int8=True``: ONNX Runtime's dynamically quantised scorers beside the fp32 ones,
+    recorded in the manifest, served with ``precision="int8"`` (the encoder stays fp32). A
+    quantised model is not the engine's: held to a loose bound here, its AUC measured by
+    bench/serving_variants.py."""
+    import onnx
+
+    from srp4ctr.serving import Scorer
+
+    root, ds, engine, histories, cands = setup
+    m = export_engine(engine, tmp_path / "onnx", int8=True)
+    files = {g["file"] for g in m["variants"]["int8"]["graphs"].values()}
+    assert files == {"scorer.int8.onnx", "scorer_multi.int8.onnx"}
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "onnx" / "scorer.int8.onnx")).graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
+    assert 0 < m["verification"]["int8_max_abs_diff_vs_fp32"] < 0.1
+    q = Scorer.load(tmp_path / "onnx", precision="int8", threads=1)
+    f = Scorer.load(tmp_path / "onnx", threads=1)
+    h = histories[5]
+    c = f.encode_user(h)
+    got, want = q.score(c, cands[4]), f.score(c, cands[4])
+    assert 0 < np.abs(got - want).max() < 0.1
+    assert np.corrcoef(got, want)[0, 1] > 0.99
+    many = q.score_many([c, c], [cands[4][:10], cands[1]])
+    assert [len(x) for x in many] == [10, len(cands[1])]
+    with pytest.raises(InputError, match="export with --int8"):
+        Scorer.load(root / "onnx", precision="int8")
+    if "openvino" in RUNTIMES:
+        with pytest.raises(InputError, match="onnxruntime"):
+            Scorer.load(tmp_path / "onnx", runtime="openvino", precision="int8")
+    (tmp_path / "onnx" / "scorer.int8.onnx").write_bytes(b"garbage")
+    with pytest.raises(Exception, match="sha256"):
+        Scorer.load(tmp_path / "onnx", precision="int8")

@@ -408,6 +408,20 @@ class PreparedDataset:
             os.fsync(f.fileno())
 
 
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an npz file (no pickles); :class:`DataError` naming it if unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"unreadable {path.name}: {e}", path=str(path)) from None
+
+
+def _prefixed(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """The arrays whose storage key starts with ``prefix``, under the rest of the key."""
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
 def save_serving_tables(ds: PreparedDataset, directory: str | os.PathLike) -> list[str]:
     """Write ``ds``'s serving tables into ``directory`` (which must exist): ``serving.npz`` (raw
     item and user ids, item and user feature tables) and ``serving.json`` (the dataset's meta:
@@ -468,14 +482,10 @@ def load_serving_tables(directory: str | os.PathLike,
     if sha256_file(apath) != want:
         raise DataError(f"sha256 does not match {SERVING_META_FILE} (truncated or replaced)",
                         path=str(apath))
-    try:
-        with np.load(apath, allow_pickle=False) as z:
-            arr = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"unreadable: {e}", path=str(apath)) from None
+    arr = _read_npz(apath)
 
     def pick(prefix: str) -> dict[str, np.ndarray]:
-        return {k[len(prefix):]: v for k, v in arr.items() if k.startswith(prefix)}
+        return _prefixed(arr, prefix)
 
     meta = doc.get("meta")
     try:
@@ -522,14 +532,10 @@ def load_prepared(
             f", this srp4ctr reads {FORMAT_VERSION}; prepare it again",
             path=str(d),
         )
-    try:
-        with np.load(apath, allow_pickle=False) as z:
-            arr = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"unreadable arrays.npz: {e}", path=str(apath)) from None
+    arr = _read_npz(apath)
 
     def pick(prefix: str) -> dict[str, np.ndarray]:
-        return {k[len(prefix) :]: v for k, v in arr.items() if k.startswith(prefix)}
+        return _prefixed(arr, prefix)
 
     try:
         ds = PreparedDataset(

@@ -16,8 +16,9 @@ __all__ = ["PRECISIONS", "RUNTIMES", "Session", "open_session"]
 
 RUNTIMES = ("onnxruntime", "openvino")
 #: "fp32": the graphs as exported (equal to the engine within 1e-5); "bf16": OpenVINO's bf16
-#: inference precision (on CPUs without bf16 instructions OpenVINO keeps fp32)
-PRECISIONS = ("fp32", "bf16")
+#: inference precision (on CPUs without bf16 instructions OpenVINO keeps fp32); "int8": the
+#: int8-quantised scorers of an export made with ``--int8`` (ONNX Runtime)
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 class Session:
@@ -38,9 +39,10 @@ class _OrtSession(Session):
         except ImportError:
             raise InputError("runtime='onnxruntime' needs the onnxruntime package "
                              "(pip install onnxruntime)") from None
-        if precision != "fp32":
-            raise InputError("ONNX Runtime runs the exported fp32 graphs (precision='fp32'); "
-                             "bf16 inference is OpenVINO's (runtime='openvino')")
+        if precision == "bf16":
+            raise InputError("ONNX Runtime runs the exported graphs as they are (precision "
+                             "'fp32', or 'int8' for the quantised scorers); bf16 inference is "
+                             "OpenVINO's (runtime='openvino')")
         opts = ort.SessionOptions()
         if threads is not None:
             opts.intra_op_num_threads = int(threads)
@@ -62,6 +64,9 @@ class _OpenVinoSession(Session):
         except ImportError:
             raise InputError("runtime='openvino' needs the openvino package "
                              "(pip install openvino)") from None
+        if precision == "int8":
+            raise InputError("the int8 scorers are ONNX Runtime's quantised graphs "
+                             "(runtime='onnxruntime')")
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16"
                                   else "f32"}
         if threads is not None:

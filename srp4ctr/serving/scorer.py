@@ -24,11 +24,11 @@ from srp4ctr.errors import CacheError, CheckpointError, DataError, InputError
 from .inputs import as_history_dict, encode_candidates, encode_history
 from .runtime import PRECISIONS, RUNTIMES, open_session
 
-__all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION", "Scorer", "UserCache"]
+__all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION", "Scorer", "UserCache", "read_export_manifest"]
 
 #: the export folder this runtime reads (written by ``srp4ctr export-onnx``)
 MANIFEST_FORMAT = "srp4ctr-onnx"
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 2  # 2: serving tables instead of items.npz / users.npz, scorer_multi.onnx
 _DTYPES = {"float32": np.float32, "int64": np.int64}
 #: scorer_multi compares every candidate with every K/V row of its call: calls are cut so that
 #: candidates x rows stays under this (a few tens of MB of scores per head)
@@ -60,6 +60,7 @@ class UserCache:
 
 
 def read_export_manifest(folder: Path) -> dict[str, Any]:
+    """``manifest.json`` of an export folder, checked for format and version."""
     path = folder / "manifest.json"
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
@@ -120,9 +121,18 @@ class Scorer:
         self.sc_inputs = {i["name"]: i for i in graphs["scorer"]["inputs"]}
         self.user_fields = [n[5:] for n in self.enc_inputs if n.startswith("user_")]
 
+        files = {role: g["file"] for role, g in graphs.items()}
+        if precision == "int8":
+            int8 = (m.get("variants") or {}).get("int8")
+            if not int8:
+                raise InputError(f"{self.model_dir}: no int8 scorers (export with --int8)")
+            files.update({role: g["file"] for role, g in int8["graphs"].items()})
+
         def session(role: str):
-            s = open_session(self.model_dir / graphs[role]["file"], runtime, threads=threads,
-                             precision=precision, providers=providers)
+            s = open_session(self.model_dir / files[role], runtime, threads=threads,
+                             precision=precision if role != "user_encoder" else
+                             ("fp32" if precision == "int8" else precision),
+                             providers=providers)
             want = {i["name"] for i in graphs[role]["inputs"]}
             if set(s.inputs) != want:
                 raise CheckpointError(f"{self.model_dir}: {role} inputs {sorted(s.inputs)} "
@@ -171,8 +181,10 @@ class Scorer:
         Args:
             runtime: ``"onnxruntime"`` or ``"openvino"``.
             threads: intra-op threads of the runtime (None: its default).
-            precision: ``"fp32"`` (equal to the engine within 1e-5) or ``"bf16"`` (OpenVINO's
-                bf16 inference precision; on a CPU without bf16 instructions it stays fp32).
+            precision: ``"fp32"`` (equal to the engine within 1e-5), ``"bf16"`` (OpenVINO's
+                bf16 inference precision; on a CPU without bf16 instructions it stays fp32) or
+                ``"int8"`` (ONNX Runtime, the int8-quantised scorers of an export made with
+                ``--int8``; the user encoder stays fp32).
             providers: ONNX Runtime execution providers (default CPU).
             verify_files: check every file's sha256 against the manifest.
 
@@ -191,6 +203,8 @@ class Scorer:
             if g.get("external_data"):
                 entries.append((g["external_data"]["file"], g["external_data"].get("sha256")))
         entries += [(name, rec.get("sha256")) for name, rec in m["tables"]["files"].items()]
+        for variant in (m.get("variants") or {}).values():
+            entries += [(g["file"], g.get("sha256")) for g in variant["graphs"].values()]
         for name, digest in entries:
             path = self.model_dir / name
             if not path.is_file():
