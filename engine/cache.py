@@ -225,26 +225,33 @@ class UserCache:
         }
 
     # ----------------------------------------------------------------------------- files
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the cache to ``path`` (safetensors), atomically (temporary file + rename).
-
-        Refuses (:class:`CacheError`) a cache holding NaN/inf or a user id that is not JSON-able.
-        """
-        from safetensors.torch import save_file
+    def to_bytes(self) -> bytes:
+        """The cache as safetensors bytes (the file format of :meth:`save`): for a shared store
+        such as Redis. Refuses (:class:`CacheError`) NaN/inf or a user id that is not
+        JSON-able."""
+        from safetensors.torch import save
 
         self.check_finite()
         try:
             meta = self.metadata()
         except TypeError as e:
             raise CacheError(f"UserCache.user_id must be JSON-able to be saved ({e})") from None
+        tensors = {n: t.detach().to("cpu").contiguous() for n, t in self.tensors().items()}
+        return save(tensors, metadata=meta)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the cache to ``path`` (safetensors), atomically (temporary file + rename).
+
+        Refuses (:class:`CacheError`) a cache holding NaN/inf or a user id that is not JSON-able.
+        """
+        data = self.to_bytes()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
         try:
-            tensors = {n: t.detach().to("cpu").contiguous() for n, t in self.tensors().items()}
-            save_file(tensors, tmp, metadata=meta)
-            with open(tmp, "rb+") as f:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
@@ -262,22 +269,40 @@ class UserCache:
         Raises:
             CacheError: missing, truncated or altered file, another format, NaN/inf.
         """
-        from safetensors import SafetensorError, safe_open
-
         path = Path(path)
         if not path.is_file():
             raise CacheError(f"{path}: no such cache file")
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            data = path.read_bytes()
+        except OSError as e:
             raise CacheError(f"{path}: not a readable cache file ({e})") from None
+        return cls.from_bytes(data, device=device, where=str(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, device: torch.device | str | None = None,
+                   where: str = "cache bytes") -> UserCache:
+        """The cache of :meth:`to_bytes` (or of a file written by :meth:`save`); every check of
+        :meth:`load` (format, version, metadata, shapes, sha256 of the tensors, NaN/inf)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        try:
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise ValueError(f"expected bytes, got {type(data).__name__}")
+            data = bytes(data)
+            n = int.from_bytes(data[:8], "little")
+            if len(data) < 8 or n <= 0 or 8 + n > len(data):
+                raise ValueError("truncated safetensors header")
+            header = json.loads(data[8 : 8 + n])  # the format's documented JSON header
+            meta = header.get("__metadata__") or {} if isinstance(header, dict) else {}
+            tensors = load(data)
+        except (SafetensorError, OSError, ValueError, RuntimeError, UnicodeDecodeError) as e:
+            raise CacheError(f"{where}: not a readable cache ({e})") from None
         if meta.get("format") != CACHE_FORMAT:
-            raise CacheError(f"{path}: not a srp4ctr user cache")
+            raise CacheError(f"{where}: not a srp4ctr user cache")
         if meta.get("format_version") != str(CACHE_FORMAT_VERSION):
             raise CacheError(
-                f"{path}: cache format version {meta.get('format_version')}, this engine reads "
+                f"{where}: cache format version {meta.get('format_version')}, this engine reads "
                 f"{CACHE_FORMAT_VERSION}"
             )
         try:
@@ -288,20 +313,20 @@ class UserCache:
             length = int(meta["length"])
             digest = meta["sha256"]
         except (KeyError, ValueError, TypeError) as e:
-            raise CacheError(f"{path}: incomplete cache metadata ({e})") from None
+            raise CacheError(f"{where}: incomplete cache metadata ({e})") from None
         if set(tensors) != set(shapes) or not {"k", "v", "head_user"} <= set(tensors):
-            raise CacheError(f"{path}: tensors {sorted(tensors)} do not match the metadata")
+            raise CacheError(f"{where}: tensors {sorted(tensors)} do not match the metadata")
         for name, t in tensors.items():
             if list(t.shape) != shapes[name] or t.dtype != dtype:
                 raise CacheError(
-                    f"{path}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, metadata says "
+                    f"{where}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, metadata says "
                     f"{meta['dtype']} {shapes[name]}"
                 )
         cache = cls(**tensors, fingerprint=fingerprint, user_id=user_id)
         if cache.length != length:
-            raise CacheError(f"{path}: length {cache.length} != metadata length {length}")
+            raise CacheError(f"{where}: length {cache.length} != metadata length {length}")
         if cache._digest() != digest:
-            raise CacheError(f"{path}: tensor bytes do not match the stored sha256 (corrupt)")
+            raise CacheError(f"{where}: tensor bytes do not match the stored sha256 (corrupt)")
         cache.check_finite()
         return cache.to(device=device) if device is not None else cache
 

@@ -204,8 +204,23 @@ class Engine:
         return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
 
     # ------------------------------------------------------------------ users
-    def _history_arrays(self, history: Any, user_id: Any = None) -> dict[str, np.ndarray]:
+    def history_arrays(self, history: Any, user_id: Any = None) -> dict[str, np.ndarray]:
+        """A raw history -> the model's input arrays (``hist_item``, ``hist_<f>``,
+        ``hist_len``, and the user fields with a user id), exactly as :meth:`encode_user`
+        builds them; :class:`~srp4ctr.errors.InputError` for bad input. With
+        :meth:`encode_arrays` a caller can key a state store by what the model reads."""
         return encode_history(self.dataset, history, user_id, max_len=self.max_len)
+
+    _history_arrays = history_arrays
+
+    def encode_arrays(self, arrays: Sequence[Mapping[str, np.ndarray]],
+                      user_ids: Sequence[Any] | None = None) -> list[UserCache]:
+        """The user side on histories already through :meth:`history_arrays`, all in one
+        call; ``user_ids`` are recorded in the caches (default None)."""
+        if not arrays:
+            return []
+        ids = [None] * len(arrays) if user_ids is None else [_jsonable(u) for u in user_ids]
+        return self._caches(list(arrays), ids)
 
     def _caches(self, arrays, user_ids) -> list[UserCache]:
         """Checked caches in the engine's dtype from the user side's output."""

@@ -209,6 +209,12 @@ def _cmd_export_triton(args: argparse.Namespace) -> int:
     return cli_export_triton(args)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from srp4ctr.server.cli import serve
+
+    return serve(args)
+
+
 def _cmd_bundle(args: argparse.Namespace) -> int:
     from srp4ctr.bundle import make_bundle
 
@@ -440,6 +446,47 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the prepared dataset's folder (runs that are not bundles)")
     p_triton.add_argument("--data-dir", default=None, help="where prepared datasets are cached")
     p_triton.set_defaults(func=_cmd_export_triton)
+
+    p_serve = sub.add_parser(
+        "serve",
+        help="serve a bundle over HTTP (FastAPI/uvicorn) with request batching",
+        description="An HTTP server for one model: POST /v1/score and /v1/score_many, GET "
+        "/healthz, /readyz, /metrics (Prometheus) and /docs (OpenAPI). Concurrent requests are "
+        "gathered for at most --batch-window-ms and scored in one engine call; encoded users "
+        "are kept in a state store (in-process LRU with a TTL, or Redis shared by every "
+        "worker), keyed by model, user and history. Needs the serve extra.",
+    )
+    p_serve.add_argument("--model", required=True, help="bundle (or fine-tuning run) to serve")
+    p_serve.add_argument("--host", default="127.0.0.1")
+    p_serve.add_argument("--port", type=int, default=8000)
+    p_serve.add_argument("--workers", type=int, default=1,
+                         help="worker processes, each with its own engine (default 1)")
+    p_serve.add_argument("--backend", default="auto", help="engine backend (default auto)")
+    p_serve.add_argument("--threads", type=int, default=None, help="engine threads per worker")
+    p_serve.add_argument("--no-batching", action="store_true",
+                         help="score every request alone (one engine call each)")
+    p_serve.add_argument("--batch-window-ms", type=float, default=2.0,
+                         help="how long a request waits for others to batch with (default "
+                         "%(default)s)")
+    p_serve.add_argument("--max-batch-requests", type=int, default=64)
+    p_serve.add_argument("--max-batch-candidates", type=int, default=32768)
+    p_serve.add_argument("--max-candidates", type=int, default=10000,
+                         help="candidates per user; more: 413 (default %(default)s)")
+    p_serve.add_argument("--max-history", type=int, default=5000,
+                         help="history interactions per user; more: 413 (default %(default)s)")
+    p_serve.add_argument("--max-users", type=int, default=64,
+                         help="users per /v1/score_many request (default %(default)s)")
+    p_serve.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                         help="request body bytes; more: 413 (default %(default)s)")
+    p_serve.add_argument("--store", choices=["memory", "redis", "none"], default="memory",
+                         help="where encoded users are kept (default %(default)s)")
+    p_serve.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p_serve.add_argument("--store-ttl-s", type=float, default=3600.0,
+                         help="how long a stored user state lives (default %(default)s)")
+    p_serve.add_argument("--store-bytes", type=int, default=256 << 20,
+                         help="memory store budget in bytes (default %(default)s)")
+    p_serve.add_argument("--log-level", default="info")
+    p_serve.set_defaults(func=_cmd_serve)
 
     p_bundle = sub.add_parser(
         "bundle",
