@@ -21,8 +21,8 @@ Providers (torch with ``torch.set_num_threads(THREADS)``, ONNX Runtime with
   chunks (``Engine._logits_one`` + sigmoid): the graph's eager-torch counterpart.
 - ``engine_score``: ``Engine.score(cache, raw ids)``, the engine's whole public call (id mapping,
   cache checks, chunks).
-- ``onnx_server``: ``examples/serve_onnx.py``'s ``OnnxServer.score(cache, raw ids)``, the
-  torch-free serving call (id mapping, input validation, the Attention-op graph).
+- ``onnx_server``: ``srp4ctr.serving.Scorer.score(cache, raw ids)``, the torch-free serving
+  call (id mapping, input validation, the Attention-op graph).
 
 ``test_scorer_latency`` times each provider on its own (pytest-benchmark rows);
 ``test_interleaved_ratios`` times them all round-robin (rotating the order every round) and
@@ -41,9 +41,6 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see conftest)
-import importlib.util
-import sys
-from pathlib import Path
 
 import benchlib
 import numpy as np
@@ -63,20 +60,11 @@ RATIOS = (("ort_attention", "ort_matmul"), ("ort_attention", "engine_backend"),
           ("ort_matmul", "engine_backend"), ("onnx_server", "engine_score"))
 
 
-def _example():
-    path = Path(__file__).resolve().parents[1] / "examples" / "serve_onnx.py"
-    spec = importlib.util.spec_from_file_location("serve_onnx", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["serve_onnx"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def setup(served):
     engine = served.engine("torch")
-    server = _example().OnnxServer(served.onnx_dir("attention"), threads=benchlib.THREADS)
-    server.scorer = served.session("attention")  # same spinning setting as the other sessions
+    server = benchlib.serving_scorer(served.onnx_dir("attention"),
+                                     {"scorer": served.session("attention")})
     cache = engine.encode_user(served.history)
     assert cache.length == HIST
     return {"engine": engine, "cache": cache, "server": server,

@@ -18,7 +18,7 @@ CPU providers (table "CPU"; baseline ``eager_folded``):
 - ``engine`` / ``engine_bf16``: the engine, torch backend, fp32 / bfloat16.
 - ``engine_cpp`` / ``engine_cpp_bf16``: the engine's C++ backend, fp32 / its bf16 mode (skipped,
   with the reason, where the C++ extension is not available).
-- ``ort``: ``examples/serve_onnx.py``'s torch-free ``OnnxServer`` (numpy history encoding,
+- ``ort``: the torch-free ``srp4ctr.serving.Scorer`` (the pipeline's history encoding,
   ``user_encoder.onnx`` + ``scorer.onnx`` in ONNX Runtime, the MatMul/Softmax export).
 
 CUDA providers (table "CUDA"; baseline ``eager_folded_cuda``; skipped without a GPU): the engine
@@ -39,9 +39,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see conftest)
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import benchlib
 import numpy as np
@@ -70,15 +67,9 @@ def _eager(model, ds, history, raw, device="cpu"):
 
 
 def _onnx_server(served):
-    path = Path(__file__).resolve().parents[1] / "examples" / "serve_onnx.py"
-    spec = importlib.util.spec_from_file_location("serve_onnx", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["serve_onnx"] = module
-    spec.loader.exec_module(module)
-    server = module.OnnxServer(served.onnx_dir("matmul"), threads=benchlib.THREADS)
-    server.encoder = served.session("matmul", "user_encoder")  # the bench's spinning setting
-    server.scorer = served.session("matmul", "scorer")
-    return server
+    return benchlib.serving_scorer(served.onnx_dir("matmul"), {
+        "user_encoder": served.session("matmul", "user_encoder"),
+        "scorer": served.session("matmul", "scorer")})
 
 
 @pytest.fixture(scope="module")

@@ -193,6 +193,26 @@ def ort_session(path: Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def serving_scorer(folder: Path, sessions: dict):
+    """``srp4ctr.serving.Scorer`` of an export folder whose graphs run in the bench's own ONNX
+    Runtime sessions (``sessions``: role -> :func:`ort_session`, the same spinning setting as
+    every other provider)."""
+    from srp4ctr.serving import Scorer
+
+    class _Session:
+        def __init__(self, s):
+            self._s = s
+
+        def run(self, feed, outputs):
+            return self._s.run(list(outputs), dict(feed))
+
+    scorer = Scorer.load(folder, threads=THREADS)
+    for role, sess in sessions.items():
+        setattr(scorer, {"user_encoder": "encoder", "scorer": "scorer",
+                         "scorer_multi": "multi"}[role], _Session(sess))
+    return scorer
+
+
 def openvino_bf16_reason() -> str | None:
     """Why OpenVINO would not run bf16 on this CPU (None: it would; it picks bf16 by itself on
     CPUs with AVX512-BF16 or AMX)."""

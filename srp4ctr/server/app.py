@@ -154,6 +154,7 @@ class ScoringService:
         self._task: asyncio.Task | None = None
         self.ready = False
         self.encoded = 0
+        self.arriving = 0  # requests received by the HTTP layer and not yet queued here
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -183,6 +184,7 @@ class ScoringService:
                     strict: bool) -> tuple[np.ndarray, str]:
         job = _Job(history, user_id, candidates, strict, asyncio.get_running_loop().create_future())
         await self._queue.put(job)
+        self.arriving -= 1  # counted by the HTTP layer when it arrived
         return await job.future
 
     async def _loop(self) -> None:
@@ -194,6 +196,10 @@ class ScoringService:
             batch, cands = [first], len(first.candidates)
             deadline = loop.time() + window
             while len(batch) < most and cands < self.cfg.max_batch_candidates:
+                # wait for more only while other requests are on their way (received, not yet
+                # queued): a request that is alone is not held back by the window
+                if self._queue.empty() and self.arriving <= 0:
+                    break
                 timeout = deadline - loop.time()
                 try:
                     job = self._queue.get_nowait() if timeout <= 0 else \
@@ -420,8 +426,16 @@ def create_app(engine=None, cfg: ServerConfig | None = None, store: StateStore |
     @app.middleware("http")
     async def _count(request: Request, call_next):
         t0 = time.perf_counter()
-        response = await call_next(request)
         path = request.url.path
+        s = state.get("service")
+        scoring = s is not None and path.startswith("/v1/")
+        if scoring:
+            s.arriving += 1
+        try:
+            response = await call_next(request)
+        finally:
+            if scoring and not getattr(request.state, "queued", False):
+                s.arriving -= 1
         if path.startswith("/v1/"):
             metrics.requests.labels(path, str(response.status_code)).inc()
             metrics.latency.labels(path).observe(time.perf_counter() - t0)
@@ -461,13 +475,15 @@ def create_app(engine=None, cfg: ServerConfig | None = None, store: StateStore |
                 "backend": s.engine.backend, "user_state": where}
 
     @app.post("/v1/score", response_model=ScoreOut, responses=errors)
-    async def score(req: ScoreIn):
+    async def score(req: ScoreIn, request: Request):
         """Click probabilities of ``candidates`` for the user of ``history``."""
         check_limits(req)
-        return await score_one(service(), req)
+        s = service()
+        request.state.queued = True  # the service counts it from here (ScoringService.score)
+        return await score_one(s, req)
 
     @app.post("/v1/score_many", response_model=ScoreManyOut, responses=errors)
-    async def score_many(req: ScoreManyIn):
+    async def score_many(req: ScoreManyIn, request: Request):
         """:func:`score` for several users in one request (every one is checked first; one bad
         entry fails the request with its index)."""
         if len(req.requests) > cfg.max_users:
@@ -476,6 +492,8 @@ def create_app(engine=None, cfg: ServerConfig | None = None, store: StateStore |
         for r in req.requests:
             check_limits(r)
         s = service()
+        s.arriving += len(req.requests) - 1  # its users arrive together: batch them
+        request.state.queued = True  # each user is counted off as it is queued
         outs = await asyncio.gather(*(score_one(s, r) for r in req.requests),
                                     return_exceptions=True)
         for i, o in enumerate(outs):
