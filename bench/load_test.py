@@ -175,13 +175,19 @@ def run_case(model, threads, extra, bodies, warm, clients, duration) -> dict:
         res["rss_mb_before"], res["rss_mb_after"] = rss0, _rss_mb(srv.proc.pid)
         res["rss_growth"] = res["rss_mb_after"] / rss0 - 1
         metrics = httpx.get(srv.url + "/metrics").text
-    calls = users = 0.0
+    calls = users = served_s = served_n = 0.0
     for line in metrics.splitlines():
         if line.startswith("srp4ctr_batch_requests_count "):
             calls = float(line.split()[1])
         elif line.startswith("srp4ctr_batch_requests_sum "):
             users = float(line.split()[1])
+        elif line.startswith('srp4ctr_request_seconds_sum{endpoint="/v1/score"}'):
+            served_s = float(line.split()[1])
+        elif line.startswith('srp4ctr_request_seconds_count{endpoint="/v1/score"}'):
+            served_n = float(line.split()[1])
     res["users_per_engine_call"] = users / calls if calls else None
+    # the server's own view: from the request entering the app to its response (mean)
+    res["server_mean_ms"] = 1e3 * served_s / served_n if served_n else None
     return res
 
 

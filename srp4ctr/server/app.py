@@ -363,6 +363,40 @@ class _BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class _Observe:
+    """ASGI middleware (plain, not ``BaseHTTPMiddleware``: no extra task per request) that
+    counts and times the scoring requests by endpoint and status, and tells the service how
+    many requests are arriving (received, not yet queued) so that its batch window waits only
+    when others are on their way."""
+
+    def __init__(self, app, metrics: Metrics, state: dict):
+        self.app, self.metrics, self.state = app, metrics, state
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        s = self.state.get("service")
+        if scope["type"] != "http" or not path.startswith("/v1/") or s is None:
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = 500
+        scope.setdefault("state", {})
+        s.arriving += 1
+
+        async def sent(msg):
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            if not scope["state"].get("queued"):
+                s.arriving -= 1
+            self.metrics.requests.labels(path, str(status)).inc()
+            self.metrics.latency.labels(path).observe(time.perf_counter() - t0)
+
+
 class _TooLarge(Exception):
     pass
 
@@ -423,23 +457,7 @@ def create_app(engine=None, cfg: ServerConfig | None = None, store: StateStore |
         return JSONResponse({"error": "InternalError", "detail": "internal error (logged)"},
                             status_code=500)
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        t0 = time.perf_counter()
-        path = request.url.path
-        s = state.get("service")
-        scoring = s is not None and path.startswith("/v1/")
-        if scoring:
-            s.arriving += 1
-        try:
-            response = await call_next(request)
-        finally:
-            if scoring and not getattr(request.state, "queued", False):
-                s.arriving -= 1
-        if path.startswith("/v1/"):
-            metrics.requests.labels(path, str(response.status_code)).inc()
-            metrics.latency.labels(path).observe(time.perf_counter() - t0)
-        return response
+    app.add_middleware(_Observe, metrics=metrics, state=state)
 
     def service() -> ScoringService:
         s = state.get("service")
