@@ -277,8 +277,8 @@ def main(argv=None) -> dict:
                "note": "client and server share this machine's cores", "cases": []}
         for C in cands:
             warm = requests_for(ds, 64, C, seed=1, fresh=False)
-            for mode, extra in (("batching", []), ("one_at_a_time", ["--no-batching"])):
-                for n in clients:
+            for n in clients:  # the two modes back to back, so machine drift hits both
+                for mode, extra in (("batching", []), ("one_at_a_time", ["--no-batching"])):
                     r = run_case(model, args.threads, extra, warm, warm, n, args.duration)
                     r.update(mode=mode, store="memory", state="warm", clients=n, candidates=C)
                     out["cases"].append(r)

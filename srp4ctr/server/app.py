@@ -531,7 +531,9 @@ def create_app(engine=None, cfg: ServerConfig | None = None, store: StateStore |
         """The model is loaded and warmed (503 until then, and while shutting down)."""
         s = service()
         return {"status": "ready", "model": s.engine.fingerprint, "backend": s.engine.backend,
-                "store": s.store.stats(), "batching": cfg.batching}
+                "store": s.store.stats(), "batching": cfg.batching,
+                "queue": {"queued": s._queue.qsize(), "arriving": s.arriving,
+                          "encoded_users": s.encoded}}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
