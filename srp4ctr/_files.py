@@ -32,11 +32,16 @@ def shareable(directory: str | os.PathLike) -> None:
 
 
 def atomic_write_dir(final: str | os.PathLike, write) -> Path:
-    """Call ``write(tmpdir)`` then move ``tmpdir`` to ``final`` (replacing an old directory)."""
+    """Call ``write(tmpdir)`` then move ``tmpdir`` to ``final`` (replacing an old directory).
+
+    The folder gets the permissions of an ordinary new folder (0777 less the umask), not the
+    0700 of a temporary one: checkpoints and bundles are read by serving processes that may run
+    as another user."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
+        shareable(tmp)
         write(tmp)
         if final.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))

@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="SRP4CTR: pre-train FG-BERT on behaviour sequences, fine-tune a CTR model "
         "with uni cross-attention and a Q-Former, and serve it with folded inference.",
     )
+    from srp4ctr import __version__
+
+    parser.add_argument("--version", action="version", version=f"srp4ctr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p_data = sub.add_parser("data", help="prepare datasets (download, sequences, splits)")

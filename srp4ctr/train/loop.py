@@ -350,6 +350,7 @@ def pretrain(
                          f"{model_kinds('pretrain')}")
     entry = model_entry(kind)
     cfg = train_config or TrainConfig()
+    cfg.check_device()
     mcfg = entry.configure(model_config or ModelConfig())  # saved as the checkpoint's config
     _set_threads(cfg)
     world = init_world(cfg.device)
@@ -428,6 +429,7 @@ def finetune(
         raise InputError(f"unknown CTR model kind {kind!r}; expected one of {model_kinds('ctr')}")
     entry = model_entry(kind)
     cfg = train_config or TrainConfig()
+    cfg.check_device()
     mcfg = model_config or ModelConfig()
     _set_threads(cfg)
     world = init_world(cfg.device)
