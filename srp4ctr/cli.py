@@ -73,7 +73,10 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
         force=args.force,
         progress=not args.quiet,
     )
-    print(json.dumps(ds.summary(), indent=2))
+    summary = ds.summary()
+    print(json.dumps(summary, indent=2))
+    for w in summary["warnings"]:
+        print(f"srp4ctr: warning: {w}", file=sys.stderr)
     return 0
 
 

@@ -77,3 +77,20 @@ def test_checkpoints_and_bundles_respect_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o700
+
+
+def test_click_only_data_is_named_at_prepare_and_finetune(tmp_path):
+    """A log without rating or label column: every interaction a positive. ``prepare`` warns
+    and names --negatives uni100; ``finetune`` without it is a one-line error saying so."""
+    rows = ["uid,iid,ts"] + [f"u{u},i{(u * 7 + k) % 40},{1000 + 100 * k}"
+                             for u in range(20) for k in range(15)]
+    (tmp_path / "log.csv").write_text("\n".join(rows) + "\n")
+    common = ["--dataset", "csv", "--path", str(tmp_path / "log.csv"), "--columns",
+              "user=uid,item=iid,timestamp=ts", "--data-dir", str(tmp_path / "cache")]
+    proc = _cli("data", "prepare", *common, "--quiet", cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "click-only" in proc.stderr and "--negatives uni100" in proc.stderr
+    proc = _cli("finetune", *common, "--out", str(tmp_path / "run"), "--quiet",
+                cwd=str(tmp_path))
+    assert proc.returncode == 2 and "--negatives uni100" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

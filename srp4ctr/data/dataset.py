@@ -194,9 +194,20 @@ class PreparedDataset:
             "label_rule": self.meta.get("label_rule"),
             "split_rule": self.meta.get("split_rule"),
             "fingerprint": self.fingerprint,
+            "warnings": self.warnings(),
             "cache_path": str(self.path) if self.path is not None else None,
             "from_cache": bool(self.from_cache),
         }
+
+    def warnings(self) -> list[str]:
+        """What will stop or mislead training on this dataset (empty when nothing)."""
+        out = []
+        if self.n_interactions and self.label.min() == self.label.max():
+            out.append(
+                f"every label is {int(self.label[0])} (label rule: {self.meta.get('label_rule')})"
+                ": click-only data; fine-tune CTR models with sampled negatives "
+                "(--negatives uni100)")
+        return out
 
     # ----------------------------------------------------------------------------- serving
     def behaviour_features(self, timestamps: Any, values: Any = None) -> dict[str, np.ndarray]:

@@ -430,6 +430,15 @@ def finetune(
     entry = model_entry(kind)
     cfg = train_config or TrainConfig()
     cfg.check_device()
+    if cfg.negatives is None:
+        for split, code in (("training", 0), ("validation", 1)):
+            labels = ds.label[ds.split == code]
+            if labels.size and labels.min() == labels.max():
+                raise InputError(
+                    f"every {split} label of {ds.name!r} is {int(labels[0])} (label rule: "
+                    f"{ds.meta.get('label_rule')}): a CTR model cannot learn from one class. "
+                    "For click-only data (every interaction a positive) train with sampled "
+                    "negatives: --negatives uni100 (TrainConfig(negatives='uni100'))")
     mcfg = model_config or ModelConfig()
     _set_threads(cfg)
     world = init_world(cfg.device)
