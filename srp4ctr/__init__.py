@@ -10,7 +10,27 @@ Importing the package is cheap and never touches a GPU or needs Triton. Sub-pack
 - ``srp4ctr.engine``   the serving engine (encode_user -> UserCache, score)
 """
 
+from pathlib import Path as _Path
+
 from srp4ctr.errors import DataError, InputError, SRP4CTRError
+
+
+def _source_tree_subpackages() -> None:
+    """``srp4ctr.engine`` and ``srp4ctr.kernels`` live in ``engine/`` and ``kernels/`` beside
+    this folder in a source checkout (the install maps them in). Imported straight from a
+    checkout (its root on ``sys.path``, e.g. a script run from the clone root), this folder would
+    shadow the installed package and hide them: then the checkout's root is searched for them
+    too."""
+    here = _Path(__file__).resolve().parent
+    root = here.parent
+    if (here / "engine").is_dir() or not all(
+            (root / name / "__init__.py").is_file() for name in ("engine", "kernels")):
+        return
+    if (root / "pyproject.toml").is_file() and str(root) not in __path__:
+        __path__.append(str(root))
+
+
+_source_tree_subpackages()
 
 __version__ = "0.1.0"
 

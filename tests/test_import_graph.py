@@ -83,3 +83,23 @@ def test_loading_every_engine_module_loads_no_training_code():
                          timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_checkout_imported_from_its_root_finds_engine_and_kernels():
+    """With the clone root first on sys.path and no install mapping (the editable finder
+    removed), ``srp4ctr.engine`` and ``srp4ctr.kernels`` still import, from this checkout."""
+    code = (
+        "import sys\n"
+        "sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "for m in [m for m in sys.modules if m.startswith('srp4ctr')]:\n    del sys.modules[m]\n"
+        "import srp4ctr.engine, srp4ctr.kernels\n"
+        "from srp4ctr.engine import Engine\n"
+        "print(srp4ctr.engine.__file__)\nprint(srp4ctr.kernels.__file__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stderr
+    engine_file, kernels_file = proc.stdout.split()
+    assert engine_file == str(ROOT / "engine" / "__init__.py")
+    assert kernels_file == str(ROOT / "kernels" / "__init__.py")

@@ -149,10 +149,15 @@ def load_checkpoint(
                 f"{path}: a {cfg.get('kind')!r} checkpoint, expected {' or '.join(kinds)}"
             )
     if dataset_fingerprint is not None:
-        got = cfg.get("dataset", {}).get("fingerprint")
+        info = cfg.get("dataset") if isinstance(cfg.get("dataset"), dict) else {}
+        got = info.get("fingerprint")
         if got != dataset_fingerprint:
+            what = ", ".join(f"{k} {info[k]}" for k in ("source", "n_users", "n_items")
+                             if info.get(k) is not None)
             raise CheckpointError(
-                f"{path}: trained on dataset {str(got)[:12]}…, not on {dataset_fingerprint[:12]}…"
+                f"{path}: trained on dataset {info.get('name')!r} ({what + ', ' if what else ''}"
+                f"fingerprint {str(got)[:12]}…), not on the one given (fingerprint "
+                f"{dataset_fingerprint[:12]}…): pass the dataset it was trained on"
             )
     try:
         state = load_file(str(weights))

@@ -327,7 +327,11 @@ def _best_record(history: list[dict], epoch: int, exclude=()) -> dict:
 
 
 def _dataset_info(ds) -> dict:
-    return {"name": ds.name, "fingerprint": ds.fingerprint}
+    """What a run records of its dataset: enough to name it in a mismatch error."""
+    source = (ds.meta.get("config") or {}).get("path") if isinstance(ds.meta, dict) else None
+    return {"name": ds.name, "fingerprint": ds.fingerprint,
+            "source": None if source is None else Path(str(source)).name,
+            "n_users": int(ds.n_users), "n_items": int(ds.n_items)}
 
 
 def pretrain(
