@@ -10,7 +10,15 @@ Importing the package is cheap and never touches a GPU or needs Triton. Sub-pack
 - ``srp4ctr.engine``   the serving engine (encode_user -> UserCache, score)
 """
 
+import os as _os
+import sys as _sys
 from pathlib import Path as _Path
+
+# Passive OpenMP waiting unless the user chose: on a shared or oversubscribed CPU, spinning
+# workers turned a 1 ms scoring call into 150 ms (README). OpenMP reads it once, when torch's
+# runtime starts, so it is set only while torch is not loaded yet.
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from srp4ctr.errors import DataError, InputError, SRP4CTRError
 

@@ -94,3 +94,16 @@ def test_click_only_data_is_named_at_prepare_and_finetune(tmp_path):
                 cwd=str(tmp_path))
     assert proc.returncode == 2 and "--negatives uni100" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("env,first,want", [
+    ({}, "srp4ctr", "PASSIVE"),                         # the library default
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, "srp4ctr", "ACTIVE"),  # the user's choice wins
+    ({}, "torch", "None"),                              # too late to take effect: left alone
+])
+def test_omp_wait_policy_default_for_library_use(env, first, want):
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "PYTHONPATH")}
+    code = f"import {first}, srp4ctr, os; print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**base, **env}, timeout=120, check=True).stdout.strip()
+    assert out == want

@@ -117,3 +117,34 @@ def test_auc_gauc_match_sklearn(seed, n):
         assert math.isnan(got)
     else:
         assert got == pytest.approx(num / den)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 300))
+def test_logloss_matches_sklearn(seed, n):
+    from sklearn.metrics import log_loss
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    probs = rng.random(n)
+    probs[: n // 5] = rng.integers(0, 2, n // 5)  # exact 0 and 1: clipped
+    want = log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])
+    assert M.logloss(labels, probs) == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_metrics_do_not_need_scikit_learn():
+    import subprocess
+    import sys
+
+    code = ("import sys, importlib.abc\n"
+            "class B(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('sklearn', 'scipy'):\n"
+            "            raise ImportError(name)\n"
+            "sys.meta_path.insert(0, B())\n"
+            "from srp4ctr import metrics as M\n"
+            "print(M.auc([0, 1, 1, 0], [0.1, 0.9, 0.5, 0.5]), M.logloss([0, 1], [0.2, 0.7]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout.split()
+    assert float(out[0]) == pytest.approx(0.875) and float(out[1]) == pytest.approx(
+        -(np.log(0.8) + np.log(0.7)) / 2)
