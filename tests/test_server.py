@@ -21,15 +21,11 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from train_fixtures import perturbed, prepare_tiny, raw_history
+from train_fixtures import prepare_tiny, raw_history, spread_bundle
 
-from srp4ctr.bundle import write_bundle_files
 from srp4ctr.engine import Engine, UserCache
-from srp4ctr.models import ModelConfig
 from srp4ctr.server.app import ServerConfig, create_app
 from srp4ctr.server.store import MemoryStore, RedisStore, history_version, state_key
-from srp4ctr.train import TrainConfig, finetune, load_model
-from srp4ctr.train.checkpoint import save_checkpoint
 
 CONFIG = {"d_model": 16, "n_layers": 2, "n_heads": 2, "max_len": 32, "n_queries": 2,
           "head_hidden": (16, 8)}
@@ -40,13 +36,7 @@ ATOL = 1e-6
 def bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
     ds = prepare_tiny(root, n_items=80, per_user=(12, 60))
-    tc = TrainConfig(epochs=1, max_steps_per_epoch=1, batch_size=64, progress=False)
-    finetune(ds, root / "ft", model_config=ModelConfig(**CONFIG), train_config=tc)
-    model, cfg = load_model(root / "ft", dataset_fingerprint=ds.fingerprint)
-    perturbed(model, seed=11, scale=0.2)
-    cfg = {k: v for k, v in cfg.items() if k not in ("format", "format_version",
-                                                      "weights_sha256")}
-    save_checkpoint(root / "bundle", model, cfg, extra=lambda tmp: write_bundle_files(tmp, ds))
+    spread_bundle(root, ds, CONFIG, seed=11)
     return root / "bundle", ds
 
 

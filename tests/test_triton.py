@@ -19,13 +19,9 @@ from google.protobuf import text_format
 from train_fixtures import raw_history
 from tritonclient.grpc import model_config_pb2
 
-from srp4ctr.bundle import write_bundle_files
 from srp4ctr.engine import Engine
 from srp4ctr.engine.triton_export import export_triton, validate_repository
 from srp4ctr.errors import InputError
-from srp4ctr.models import ModelConfig
-from srp4ctr.train import TrainConfig, finetune, load_model
-from srp4ctr.train.checkpoint import save_checkpoint
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -38,18 +34,11 @@ _NP = {model_config_pb2.TYPE_FP32: np.float32, model_config_pb2.TYPE_INT64: np.i
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    from train_fixtures import perturbed, prepare_tiny
+    from train_fixtures import prepare_tiny, spread_bundle
 
     root = tmp_path_factory.mktemp("triton")
     ds = prepare_tiny(root, n_items=80, per_user=(12, 60))
-    tc = TrainConfig(epochs=1, max_steps_per_epoch=1, batch_size=64, progress=False)
-    finetune(ds, root / "ft", model_config=ModelConfig(**CONFIG), train_config=tc)
-    # spread weights (one step leaves every probability near 0.5), saved as a bundle
-    model, cfg = load_model(root / "ft", dataset_fingerprint=ds.fingerprint)
-    perturbed(model, seed=7, scale=0.2)
-    cfg = {k: v for k, v in cfg.items() if k not in ("format", "format_version",
-                                                      "weights_sha256")}
-    save_checkpoint(root / "run", model, cfg, extra=lambda tmp: write_bundle_files(tmp, ds))
+    spread_bundle(root, ds, CONFIG, seed=7, name="run")
     from srp4ctr.cli import build_parser
 
     args = build_parser().parse_args([

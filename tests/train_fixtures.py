@@ -103,3 +103,21 @@ def model_probs(model, ds, history: dict, raw_cands) -> torch.Tensor:
         batch[f"user_{f}"] = torch.full((C,), int(arr.get(f"user_{f}", t[0])))
     with torch.no_grad():
         return torch.sigmoid(model(batch))
+
+
+def spread_bundle(root: Path, ds, config: dict, seed: int, name: str = "bundle") -> Path:
+    """``finetune`` one step on ``ds``, spread the weights (:func:`perturbed`: one step leaves
+    every probability near 0.5) and save them as a serving bundle ``root / name``."""
+    from srp4ctr.bundle import write_bundle_files
+    from srp4ctr.models import ModelConfig
+    from srp4ctr.train import TrainConfig, finetune, load_model
+    from srp4ctr.train.checkpoint import save_checkpoint
+
+    tc = TrainConfig(epochs=1, max_steps_per_epoch=1, batch_size=64, progress=False)
+    finetune(ds, root / f"{name}-ft", model_config=ModelConfig(**config), train_config=tc)
+    model, cfg = load_model(root / f"{name}-ft", dataset_fingerprint=ds.fingerprint)
+    perturbed(model, seed=seed, scale=0.2)
+    cfg = {k: v for k, v in cfg.items() if k not in ("format", "format_version",
+                                                      "weights_sha256")}
+    return save_checkpoint(root / name, model, cfg,
+                           extra=lambda tmp: write_bundle_files(tmp, ds))

@@ -3,6 +3,7 @@ OpenVINO, behind one ``run(feed, outputs) -> list of arrays`` call."""
 
 from __future__ import annotations
 
+import abc
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,14 +22,15 @@ RUNTIMES = ("onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16", "int8")
 
 
-class Session:
+class Session(abc.ABC):
     """One compiled graph: ``inputs`` (names), ``outputs`` (names) and :meth:`run`."""
 
     inputs: list[str]
     outputs: list[str]
 
+    @abc.abstractmethod
     def run(self, feed: Mapping[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
-        raise NotImplementedError
+        """The named ``outputs`` of one inference on ``feed`` (input name -> array)."""
 
 
 class _OrtSession(Session):
