@@ -5,7 +5,6 @@ dataset, and the identity of an in-memory model. Imports nothing from ``srp4ctr.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -41,57 +40,31 @@ def serving_view(ds: Any, max_len: int | None = None) -> Any:
     return ds.serving_view(max_len)
 
 
-def find_prepared(root: Path, name: str, fingerprint: str) -> Path | None:
-    """The folder under ``root`` holding a prepared ``name`` dataset with ``fingerprint``."""
-    if not root.is_dir():
-        return None
-    for sub in sorted(root.iterdir()):
-        meta = sub / "meta.json"
-        if not (sub.is_dir() and meta.is_file()):
-            continue
-        try:
-            m = json.loads(meta.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(m, dict) and m.get("fingerprint") == fingerprint and m.get("name") == name:
-            return sub
-    return None
-
-
 def resolve_dataset(where: Path, info: dict, dataset: Any, data_dir: Any) -> Any:
-    from srp4ctr.data import PreparedDataset, default_data_dir, load_prepared, prepare
+    """The prepared dataset of the run at ``where`` (its config's dataset record ``info``):
+    ``dataset`` (a prepared dataset or its folder) if given, else the one the run recorded
+    (:func:`srp4ctr.data.recorded.dataset_of_run`); its fingerprint must be the run's."""
+    from srp4ctr.data import PreparedDataset, load_prepared
+    from srp4ctr.data.recorded import dataset_of_run, describe_dataset, describe_record
 
-    name, fingerprint = info.get("name"), info.get("fingerprint")
-    if not name or not fingerprint:
-        raise CheckpointError(f"{where}: config.json does not name the dataset it was trained on")
+    if dataset is None:
+        return dataset_of_run(where, info, data_dir=data_dir)
     if isinstance(dataset, PreparedDataset):
         ds = dataset
     elif isinstance(dataset, (str, os.PathLike)):
         ds = load_prepared(dataset)
-    elif dataset is not None:
+    else:
         raise InputError(
             f"dataset must be a PreparedDataset or its folder, got {type(dataset).__name__}"
         )
-    else:
-        root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-        found = find_prepared(root, name, fingerprint)
-        if found is not None:
-            ds = load_prepared(found)
-        elif name == "ml-100k":  # the one dataset prepare() can fetch by itself
-            ds = prepare(name, data_dir=root, progress=False)
-        else:
-            raise CheckpointError(
-                f"{where}: trained on the prepared dataset {name!r} (fingerprint "
-                f"{fingerprint[:12]}…), which is not in {root}; pass dataset= (the prepared "
-                "dataset or its folder) or data_dir= (where it was prepared)"
-            )
-    if ds.fingerprint != fingerprint:
+    if not info.get("name") or not info.get("fingerprint"):
+        raise CheckpointError(f"{where}: config.json does not name the dataset it was trained on")
+    if ds.fingerprint != info.get("fingerprint"):
         raise CheckpointError(
-            f"{where}: trained on dataset {name!r} with fingerprint {fingerprint[:12]}…, but the "
-            f"dataset given is {ds.name!r} with fingerprint {ds.fingerprint[:12]}…"
+            f"{where}: trained on dataset {describe_record(info)}, but the dataset given is "
+            f"{describe_dataset(ds)}"
         )
     return ds
-
 
 
 def load_serving_model(path: str | os.PathLike, dataset: Any = None,
@@ -133,5 +106,5 @@ def load_serving_model(path: str | os.PathLike, dataset: Any = None,
                               f"model was trained on {str(info.get('fingerprint'))[:12]}…")
     else:
         ds = resolve_dataset(path, cfg.get("dataset") or {}, dataset, data_dir)
-    model, cfg = load_model(path, dataset_fingerprint=ds.fingerprint)
+    model, cfg = load_model(path, dataset=ds)
     return model, ds, cfg["weights_sha256"]

@@ -939,10 +939,12 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
 
 def cli_export_onnx(args: argparse.Namespace) -> int:
     """Handler of ``srp4ctr export-onnx``."""
+    import logging
     import sys
 
-    print(f"srp4ctr export-onnx: exporting {args.checkpoint} (three graphs, then the check in "
-          "ONNX Runtime: about a minute)...", file=sys.stderr, flush=True)
+    logging.getLogger(__name__).info(
+        f"export-onnx: exporting {args.checkpoint} (three graphs, then the check in ONNX "
+        "Runtime: about a minute)...")
     m = export_onnx(args.checkpoint, args.out, dataset=args.dataset_dir, data_dir=args.data_dir,
                     opset=args.opset, attention=args.attention, verify=not args.no_verify,
                     external_data=True if args.external_data else "auto", int8=args.int8)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -43,9 +44,10 @@ class _ModelKinds(Sequence):
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dataset",
-        default="ml-100k",
+        default=None,
         help="dataset name: ml-100k (downloaded through pip), ml-1m, ml-10m, ml-20m, ml-25m, "
-        "taobao, csv, parquet (the last six read --path)",
+        "taobao, csv, parquet (the last six read --path); default: the --config file's, else "
+        "the one the run named by --run / --pretrained was trained on, else ml-100k",
     )
     p.add_argument("--path", default=None, help="file or folder of a dataset you bring")
     p.add_argument(
@@ -62,11 +64,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+log = logging.getLogger("srp4ctr.cli")
+
+
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
     from srp4ctr import data
 
     ds = data.prepare(
-        args.dataset,
+        args.dataset or "ml-100k",
         path=args.path,
         data_dir=args.data_dir,
         columns=args.columns,
@@ -76,22 +81,66 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     summary = ds.summary()
     print(json.dumps(summary, indent=2))
     for w in summary["warnings"]:
-        print(f"srp4ctr: warning: {w}", file=sys.stderr)
+        log.warning(w)
+    log.info(f"prepared dataset {ds.name!r} in {ds.path}")
     return 0
 
 
-def _load_dataset(args: argparse.Namespace):
+def _file_config(args: argparse.Namespace) -> dict:
+    """The sections of ``--config FILE`` (all empty without one)."""
+    from srp4ctr.runconfig import SECTIONS, load_run_config
+
+    path = getattr(args, "config", None)
+    return load_run_config(path) if path else {s: {} for s in SECTIONS}
+
+
+def _load_dataset(args: argparse.Namespace, run: str | None = None):
+    """The dataset of a command: its flags, over the ``--config`` file's ``dataset`` section;
+    where neither names one, the dataset the run ``run`` recorded; else MovieLens-100k."""
     from srp4ctr import data
 
-    return data.prepare(args.dataset, path=args.path, data_dir=args.data_dir,
-                        columns=args.columns, progress=False)
+    spec = dict(_file_config(args)["dataset"])
+    for key, flag in (("name", "dataset"), ("path", "path"), ("columns", "columns"),
+                      ("data_dir", "data_dir")):
+        if getattr(args, flag, None) is not None:
+            spec[key] = getattr(args, flag)
+    if spec.get("name") is None and spec.get("path") is None and run is not None:
+        from srp4ctr.data.recorded import dataset_of_run
+        from srp4ctr.models import read_config
+
+        info = read_config(run).get("dataset")
+        ds = dataset_of_run(run, info if isinstance(info, dict) else {},
+                            data_dir=spec.get("data_dir"), progress=not args.quiet)
+        log.info(f"dataset {ds.name!r} from {ds.path} (recorded by {run})")
+        return ds
+    return data.prepare(spec.get("name") or "ml-100k", path=spec.get("path"),
+                        data_dir=spec.get("data_dir"), columns=spec.get("columns"),
+                        progress=not args.quiet)
 
 
-def _model_config(args: argparse.Namespace, **extra):
+_MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "max_len", "n_queries", "dropout", "mask_rate")
+_TRAIN_FLAGS = ("epochs", "batch_size", "lr", "weight_decay", "patience", "seed",
+                "max_steps_per_epoch", "device", "num_threads", "negatives")
+
+
+def _model_config(args: argparse.Namespace, *, pretraining: bool = False, **extra):
+    """ModelConfig: defaults, then the file's ``model`` (and, pre-training, ``pretrain_model``)
+    section, then the flags, then ``extra``."""
     from srp4ctr.models import ModelConfig
 
+    cfg = _file_config(args)
     base = ModelConfig().to_dict()
-    for name in ("d_model", "n_layers", "n_heads", "max_len", "n_queries", "dropout", "mask_rate"):
+    pretrained = getattr(args, "pretrained", None)
+    if pretrained:  # the encoder's architecture is the pre-trained one's unless set
+        from srp4ctr.models import read_config
+        from srp4ctr.train.loop import ENCODER_FIELDS
+
+        pre = read_config(pretrained).get("model_config") or {}
+        base.update({k: pre[k] for k in ENCODER_FIELDS if k in pre})
+    base.update(cfg["model"])
+    if pretraining:
+        base.update(cfg["pretrain_model"])
+    for name in _MODEL_FLAGS:
         v = getattr(args, name, None)
         if v is not None:
             base[name] = v
@@ -99,17 +148,45 @@ def _model_config(args: argparse.Namespace, **extra):
     return ModelConfig.from_dict(base)
 
 
-def _train_config(args: argparse.Namespace):
+def _train_config(args: argparse.Namespace, section: str = "finetune", base=None):
+    """TrainConfig: ``base`` (default the defaults), then the file's ``section``, then the
+    flags."""
     from srp4ctr.train import TrainConfig
 
-    base = TrainConfig().to_dict()
-    for name in ("epochs", "batch_size", "lr", "weight_decay", "patience", "seed",
-                 "max_steps_per_epoch", "device", "num_threads", "negatives"):
+    d = {**(base or TrainConfig()).to_dict(), **_file_config(args)[section]}
+    for name in _TRAIN_FLAGS:
         v = getattr(args, name, None)
         if v is not None:
-            base[name] = v
-    base["progress"] = not getattr(args, "quiet", False)
-    return TrainConfig.from_dict(base)
+            d[name] = v
+    if args.quiet:
+        d["progress"] = False
+    return TrainConfig.from_dict(d)
+
+
+def _result_table(res: dict, run: str | None) -> str:
+    """The outcome of a training run: which epoch was kept, its validation metrics and the test
+    metrics of that epoch, labelled."""
+    keys = [k for k in (res.get("test") or {}) if k != "n"]
+    rows = [("split", *keys)]
+    for split, label in (("valid", "validation"), ("test", "test")):
+        m = res.get(split) or {}
+        rows.append((label, *(f"{m[k]:.4f}" if isinstance(m.get(k), float) else "-"
+                              for k in keys)))
+    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in rows]
+    speed = res.get("samples_per_s") or res.get("sequences_per_s")
+    head = (f"{res['kind']} on {res['dataset']['name']}: best epoch {res['best_epoch']} of "
+            f"{len(res.get('history') or [])} run (chosen on validation), "
+            f"{res.get('train_seconds', 0):.0f} s, {speed or 0:.0f} samples/s")
+    tail = [f"written to {run}"] if run else []
+    return "\n".join([head, *lines, *tail])
+
+
+def _print_result(args: argparse.Namespace, res: dict, keys: tuple[str, ...]) -> None:
+    if args.json:
+        print(json.dumps({k: res[k] for k in keys}, indent=2))
+    else:
+        print(_result_table(res, args.out))
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -131,26 +208,30 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="cap on steps per epoch (quick runs)")
     g.add_argument("--device", help="cpu or cuda (default cpu)")
     g.add_argument("--threads", dest="num_threads", type=int, help="torch CPU threads")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="settings file (sections dataset, model, pretrain_model, finetune, "
+                   "pretrain, experiment; srp4ctr.runconfig); flags override it. The settings "
+                   "of the reported results: configs/ml-100k.yaml")
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from srp4ctr.train import pretrain
 
+    tcfg = _train_config(args, "pretrain")
+    mcfg = _model_config(args, pretraining=True)
     ds = _load_dataset(args)
-    mcfg = _model_config(args, mask_rate=args.mask_rate) if args.mask_rate is not None \
-        else _model_config(args)
-    res = pretrain(ds, args.out, model_config=mcfg, train_config=_train_config(args),
-                   kind=args.kind)
-    print(json.dumps({k: res[k] for k in ("kind", "valid", "test", "best_epoch",
-                                          "sequences_per_s")}, indent=2))
+    log.info(f"pre-training {args.kind} on {ds.name!r} ({ds.n_users} users, {ds.n_items} "
+             f"items) into {args.out}")
+    res = pretrain(ds, args.out, model_config=mcfg, train_config=tcfg, kind=args.kind)
+    _print_result(args, res, ("kind", "valid", "test", "best_epoch", "sequences_per_s"))
     return 0
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from srp4ctr.train import finetune
 
-    ds = _load_dataset(args)
+    tcfg = _train_config(args)
+    ds = _load_dataset(args, run=args.pretrained)
     extra = {}
     if args.freeze_encoder:
         extra["freeze_encoder"] = True
@@ -158,45 +239,77 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         extra["use_xattn"] = False
     if args.no_qformer:
         extra["use_qformer"] = False
-    res = finetune(ds, args.out, kind=args.model, model_config=_model_config(args, **extra),
-                   train_config=_train_config(args), pretrained=args.pretrained)
-    print(json.dumps({k: res[k] for k in ("kind", "valid", "test", "best_epoch",
-                                          "samples_per_s")}, indent=2))
+    mcfg = _model_config(args, **extra)
+    log.info(f"fine-tuning {args.model} on {ds.name!r} ({ds.n_users} users, {ds.n_items} "
+             f"items)" + (f" from {args.pretrained}" if args.pretrained else "")
+             + f" into {args.out}")
+    res = finetune(ds, args.out, kind=args.model, model_config=mcfg, train_config=tcfg,
+                   pretrained=args.pretrained)
+    _print_result(args, res, ("kind", "valid", "test", "best_epoch", "samples_per_s"))
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from srp4ctr.train import evaluate
 
-    ds = _load_dataset(args)
-    print(json.dumps(evaluate(args.run, ds, split=args.split, device=args.device or "cpu"),
-                     indent=2))
+    ds = _load_dataset(args, run=args.run)
+    log.info(f"evaluating {args.run} on the {args.split} split of {ds.name!r}")
+    res = evaluate(args.run, ds, split=args.split, device=args.device or "cpu")
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        label = {"valid": "validation", "test": "test"}[args.split]
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float))
+        n = f" ({res['n']} samples)" if "n" in res else ""
+        print(f"{res['kind']} {args.run} on {ds.name!r}, {label} split{n}: {shown}")
     return 0
+
+
+def experiment_settings(args: argparse.Namespace) -> dict:
+    """What ``srp4ctr experiment`` runs with: the defaults, then the ``--config`` file, then the
+    flags (``model_config``, ``pretrain_model_config``, ``train_config``, ``pretrain_config``,
+    ``seeds``, ``models``, ``jobs``)."""
+    from srp4ctr.train import TrainConfig
+    from srp4ctr.train.experiment import default_pretrain_config
+
+    file_cfg = _file_config(args)
+    exp = file_cfg["experiment"]
+    models = args.models.split(",") if args.models else exp.get("models")
+    seeds = args.seeds if args.seeds is not None else exp.get("seeds", 5)
+    jobs = args.jobs if args.jobs is not None else exp.get("jobs", 1)
+    tcfg = _train_config(args)
+    # pre-training: small batches and more epochs by default, then the file's section, then
+    # the --pretrain-* flags; device, threads and seed follow the fine-tuning settings
+    pcfg = {**default_pretrain_config(tcfg).to_dict(), **file_cfg["pretrain"]}
+    for name in ("epochs", "batch_size", "lr"):
+        v = getattr(args, f"pretrain_{name}")
+        if v is not None:
+            pcfg[name] = v
+    for name in ("device", "num_threads"):
+        if getattr(args, name, None) is not None:
+            pcfg[name] = getattr(args, name)
+    pcfg["progress"] = tcfg.progress
+    mcfg = _model_config(args)
+    pmcfg = _model_config(args, pretraining=True)
+    if args.pretrain_dropout is not None:
+        pmcfg = pmcfg.replace(dropout=args.pretrain_dropout)
+    return {"model_config": mcfg, "pretrain_model_config": pmcfg, "train_config": tcfg,
+            "pretrain_config": TrainConfig.from_dict(pcfg), "seeds": seeds, "models": models,
+            "jobs": jobs}
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from srp4ctr.train.experiment import run_experiment
 
+    settings = experiment_settings(args)
     ds = _load_dataset(args)
-    models = args.models.split(",") if args.models else None
-    from srp4ctr.train import TrainConfig
-    from srp4ctr.train.experiment import default_pretrain_config
-
-    tcfg = _train_config(args)
-    pcfg = default_pretrain_config(tcfg).to_dict()
-    for name in ("epochs", "batch_size", "lr"):
-        v = getattr(args, f"pretrain_{name}")
-        if v is not None:
-            pcfg[name] = v
-    mcfg = _model_config(args)
-    pmcfg = mcfg
-    if args.pretrain_dropout is not None:
-        pmcfg = type(mcfg).from_dict({**mcfg.to_dict(), "dropout": args.pretrain_dropout})
-    run_experiment(ds, args.out, seeds=args.seeds, models=models,
-                   model_config=mcfg, pretrain_model_config=pmcfg, train_config=tcfg,
-                   pretrain_config=TrainConfig.from_dict(pcfg),
-                   resume=not args.no_resume, progress=not args.quiet, jobs=args.jobs)
+    log.info(f"experiment on {ds.name!r} into {args.out}: seeds {settings['seeds']}, jobs "
+             f"{settings['jobs']}")
+    run_experiment(ds, args.out, **settings, resume=not args.no_resume,
+                   progress=not args.quiet)
     print((Path(args.out) / "results.md").read_text())
+    log.info(f"wrote {args.out}: results.json, results.md, results.png, config.yaml (the "
+             "settings resolved) and one folder per run")
     return 0
 
 
@@ -226,13 +339,14 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
     print(json.dumps({"out": str(args.out), "model_fingerprint": doc["model_fingerprint"],
                       "dataset": doc["dataset"], "files": files,
                       "bytes": sum(files.values())}, indent=2))
+    log.info(f"wrote the bundle {args.out} ({len(files)} files, {sum(files.values())} bytes)")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from srp4ctr.demo import run_demo
 
-    run_demo(out=args.out, quick=args.quick, data_dir=args.data_dir)
+    run_demo(out=args.out, quick=args.quick, data_dir=args.data_dir, progress=not args.quiet)
     return 0
 
 
@@ -294,6 +408,54 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return load_bench_report(bench_dir).cli_bench(args, bench_dir)
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _add_output_args(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """``--log-level`` and ``--quiet``, before or after the subcommand (the subcommand's copies
+    leave the value alone unless given)."""
+    default = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
+    p.add_argument("--log-level", choices=LOG_LEVELS, default=default("info"),
+                   help="what is logged to stderr (default info: each step, epoch and output)")
+    p.add_argument("--quiet", action="store_true", default=default(False),
+                   help="warnings and errors only, no progress bars")
+
+
+class _Subcommands:
+    """The subparsers action, giving every subcommand the output options."""
+
+    def __init__(self, action):
+        self.action = action
+
+    def add_parser(self, *args, **kwargs) -> argparse.ArgumentParser:
+        p = self.action.add_parser(*args, **kwargs)
+        _add_output_args(p)
+        return p
+
+
+def setup_logging(level: str = "info", quiet: bool = False) -> None:
+    """Log the ``srp4ctr`` loggers to stderr: ``srp4ctr: message`` (``srp4ctr: warning: …``
+    from warnings up). Idempotent; the library itself configures no handler."""
+    root = logging.getLogger("srp4ctr")
+    root.setLevel(logging.WARNING if quiet else getattr(logging, level.upper()))
+    for h in list(root.handlers):
+        if getattr(h, "_srp4ctr_cli", False):
+            root.removeHandler(h)
+
+    class _Format(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            msg = record.getMessage()
+            if record.levelno >= logging.WARNING:
+                return f"srp4ctr: {record.levelname.lower()}: {msg}"
+            return f"srp4ctr: {msg}"
+
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(_Format())
+    h._srp4ctr_cli = True
+    root.addHandler(h)
+    root.propagate = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="srp4ctr",
@@ -303,10 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
     from srp4ctr import __version__
 
     parser.add_argument("--version", action="version", version=f"srp4ctr {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_output_args(parser, top=True)
+    sub = _Subcommands(parser.add_subparsers(dest="command", metavar="COMMAND"))
 
     p_data = sub.add_parser("data", help="prepare datasets (download, sequences, splits)")
-    data_sub = p_data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    data_sub = _Subcommands(p_data.add_subparsers(dest="data_command", metavar="DATA_COMMAND"))
     p_prep = data_sub.add_parser(
         "prepare",
         help="build the prepared dataset into the cache and print its statistics as JSON",
@@ -316,7 +479,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_args(p_prep)
     p_prep.add_argument("--force", action="store_true", help="rebuild even if cached")
-    p_prep.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
     p_prep.set_defaults(func=_cmd_data_prepare)
 
     p_pre = sub.add_parser(
@@ -334,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "two masking strategies) or BERT (item ids only); default %(default)s")
     p_pre.add_argument("--mask-rate", dest="mask_rate", type=float, help="default 0.2")
     _add_train_args(p_pre)
+    p_pre.add_argument("--json", action="store_true",
+                       help="print the result as JSON instead of a table")
     p_pre.set_defaults(func=_cmd_pretrain)
 
     p_ft = sub.add_parser(
@@ -356,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_ft.add_argument("--negatives", choices=["uni100"], default=None,
                       help="sampled-negatives variant of the CTR samples")
     _add_train_args(p_ft)
+    p_ft.add_argument("--json", action="store_true",
+                       help="print the result as JSON instead of a table")
     p_ft.set_defaults(func=_cmd_finetune)
 
     p_ev = sub.add_parser("evaluate", help="metrics of a checkpoint on a split",
@@ -365,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_ev.add_argument("--run", required=True, help="checkpoint directory")
     p_ev.add_argument("--split", choices=["valid", "test"], default="test")
     p_ev.add_argument("--device", default=None, help="cpu or cuda")
+    p_ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p_ev.set_defaults(func=_cmd_evaluate)
 
     p_ex = sub.add_parser(
@@ -376,7 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
         "skipped when the command is run again.",
     )
     _add_data_args(p_ex)
-    p_ex.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
+    p_ex.add_argument("--seeds", type=int, default=None,
+                      help="number of seeds (default: the --config file's, else 5)")
     p_ex.add_argument("--out", required=True, help="output directory")
     p_ex.add_argument("--models", help="comma-separated subset of the model keys")
     p_ex.add_argument("--no-resume", action="store_true", help="ignore finished runs in OUT")
@@ -385,9 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_ex.add_argument("--pretrain-lr", type=float, help="pre-training learning rate")
     p_ex.add_argument("--pretrain-dropout", type=float,
                       help="dropout while pre-training (default: --dropout)")
-    p_ex.add_argument("--jobs", type=int, default=1,
+    p_ex.add_argument("--jobs", type=int, default=None,
                       help="trainings run at once in worker processes, each with threads/jobs "
-                      "torch threads (default 1; 2 on a 2-core machine is ~1.7x faster)")
+                      "torch threads (default: the --config file's, else 1; 2 on a 2-core "
+                      "machine is ~1.7x faster)")
     _add_train_args(p_ex)
     p_ex.set_defaults(func=_cmd_experiment)
 
@@ -491,7 +660,6 @@ def build_parser() -> argparse.ArgumentParser:
                          help="how long a stored user state lives (default %(default)s)")
     p_serve.add_argument("--store-bytes", type=int, default=256 << 20,
                          help="memory store budget in bytes (default %(default)s)")
-    p_serve.add_argument("--log-level", default="info")
     p_serve.set_defaults(func=_cmd_serve)
 
     p_bundle = sub.add_parser(
@@ -566,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging(args.log_level, args.quiet)
     if not getattr(args, "func", None):
         # a group without its subcommand: show that group's help
         if args.command == "data":

@@ -8,6 +8,7 @@ split, compare them on the test split, and write ``OUT/summary.json`` (checkpoin
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -135,7 +136,7 @@ def onnx_demo(ds, checkpoint, out, *, progress: bool = True) -> dict:
 
 def _say(msg: str, enabled: bool) -> None:
     if enabled:
-        print(f"[demo] {msg}", flush=True)
+        logging.getLogger(__name__).info(f"demo: {msg}")
 
 
 def _table(summary: dict) -> str:

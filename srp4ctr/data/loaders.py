@@ -315,7 +315,8 @@ def load_taobao(path: Path, chunksize: int = 1_000_000, progress: bool = False) 
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(desc=f"reading {fpath.name}", unit=" rows", unit_scale=True, leave=False)
+        bar = tqdm(desc=f"reading {fpath.name}", unit=" rows", unit_scale=True, leave=False,
+                   disable=None)  # a bar on a terminal only
     try:
         for df in read_fixed(fpath, str(fpath), sep=",", names=names, kinds=kinds, chunksize=chunksize):
             b = df["behavior"].str.strip().map(btok)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 import uuid
@@ -36,6 +36,8 @@ from srp4ctr.data.loaders import (
 )
 from srp4ctr.errors import DataError, InputError, UnknownDatasetError
 
+log = logging.getLogger(__name__)
+
 ENV_DATA_DIR = "SRP4CTR_DATA_DIR"
 _STALE_TMP_S = 6 * 3600
 
@@ -52,7 +54,7 @@ def default_data_dir() -> Path:
 
 def _log(progress: bool, msg: str) -> None:
     if progress:
-        print(f"srp4ctr: {msg}", file=sys.stderr, flush=True)
+        log.info(msg)
 
 
 # ----------------------------------------------------------------------------- building

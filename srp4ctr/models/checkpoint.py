@@ -126,8 +126,12 @@ def load_checkpoint(
     *,
     expect_kind: str | tuple[str, ...] | None = None,
     dataset_fingerprint: str | None = None,
+    dataset: Any = None,
 ) -> Checkpoint:
-    """Read and verify a checkpoint directory (files present, weights hash, kind, dataset)."""
+    """Read and verify a checkpoint directory (files present, weights hash, kind, dataset).
+
+    ``dataset`` (a prepared dataset) or ``dataset_fingerprint``: the run must have been trained
+    on it; a mismatch names both datasets (name, source, folder, size)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -148,16 +152,19 @@ def load_checkpoint(
             raise CheckpointError(
                 f"{path}: a {cfg.get('kind')!r} checkpoint, expected {' or '.join(kinds)}"
             )
+    if dataset is not None:
+        dataset_fingerprint = dataset.fingerprint
     if dataset_fingerprint is not None:
         info = cfg.get("dataset") if isinstance(cfg.get("dataset"), dict) else {}
-        got = info.get("fingerprint")
-        if got != dataset_fingerprint:
-            what = ", ".join(f"{k} {info[k]}" for k in ("source", "n_users", "n_items")
-                             if info.get(k) is not None)
+        if info.get("fingerprint") != dataset_fingerprint:
+            from srp4ctr.data.recorded import describe_dataset, describe_record
+
+            given = (describe_dataset(dataset) if dataset is not None
+                     else f"fingerprint {dataset_fingerprint[:12]}…")
             raise CheckpointError(
-                f"{path}: trained on dataset {info.get('name')!r} ({what + ', ' if what else ''}"
-                f"fingerprint {str(got)[:12]}…), not on the one given (fingerprint "
-                f"{dataset_fingerprint[:12]}…): pass the dataset it was trained on"
+                f"{path}: trained on dataset {describe_record(info)}, not on the one given, "
+                f"{given}: pass the dataset it was trained on (or leave it out: runs find "
+                "their recorded dataset)"
             )
     try:
         state = load_file(str(weights))
@@ -167,14 +174,14 @@ def load_checkpoint(
 
 
 def load_model(path: str | os.PathLike, *, dataset_fingerprint: str | None = None,
-               device: str = "cpu") -> tuple[nn.Module, dict]:
+               device: str = "cpu", dataset: Any = None) -> tuple[nn.Module, dict]:
     """Rebuild a model from a checkpoint directory; returns ``(model, config)``.
 
     The checkpoint's ``kind`` names the class (:mod:`srp4ctr.models.registry`); any registered
     kind loads, pre-training ones first in the error message's list.
     """
     ck = load_checkpoint(path, expect_kind=model_kinds("pretrain") + model_kinds("ctr"),
-                         dataset_fingerprint=dataset_fingerprint)
+                         dataset_fingerprint=dataset_fingerprint, dataset=dataset)
     spec = ModelSpec.from_dict(ck.config["spec"])
     mcfg = ModelConfig.from_dict(ck.config["model_config"])
     entry = model_entry(ck.config["kind"])

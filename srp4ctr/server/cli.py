@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 from srp4ctr.errors import InputError
@@ -35,10 +36,11 @@ def serve(args: argparse.Namespace) -> int:
     if not os.path.isdir(cfg.model):
         raise InputError(f"--model {cfg.model}: no such folder")
     if not is_bundle(cfg.model):
-        print(f"srp4ctr serve: {cfg.model} is not a bundle; the engine looks for its prepared "
-              "dataset (make one with srp4ctr bundle)", flush=True)
+        logging.getLogger(__name__).warning(
+            f"serve: {cfg.model} is not a bundle; the engine looks for the prepared dataset "
+            "the run recorded (make a bundle with srp4ctr bundle)")
     os.environ[CONFIG_ENV] = cfg.to_json()  # every worker process builds its app from it
     uvicorn.run("srp4ctr.server.app:app_from_env", factory=True, host=args.host,
-                port=args.port, workers=args.workers, log_level=args.log_level,
+                port=args.port, workers=args.workers, log_level="warning" if args.quiet else args.log_level,
                 timeout_graceful_shutdown=30, access_log=False)
     return 0

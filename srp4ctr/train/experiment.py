@@ -8,6 +8,7 @@ run, so an interrupted experiment keeps what it finished and ``resume=True`` ski
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import time
@@ -17,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from srp4ctr.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ def run_experiment(
     results["pretrain_model_config"] = pmcfg.to_dict()
     results["machine"] = machine_info()
     results["seeds"] = seeds
+    _write_resolved(out, ds, mcfg, pmcfg, tcfg, pcfg, seeds, models, jobs)
     t_start = time.perf_counter()
     tasks = _plan(results, seeds, models, out, mcfg, pmcfg, tcfg, pcfg,
                   progress and jobs == 1)
@@ -113,11 +117,10 @@ def run_experiment(
         section = "pretrain" if task.kind == "pretrain" else "details"
         results[section].setdefault(task.name, {})[str(task.seed)] = _slim(r)
         _save(results_path, results)
-        if progress and jobs > 1:
-            metric = r.get("test", {})
-            shown = {k: round(v, 4) for k, v in metric.items() if k != "n"}
-            print(f"[experiment] done: {task.kind} {task.name} seed {task.seed} "
-                  f"({r.get('train_seconds', 0):.0f} s) {shown}", flush=True)
+        metric = r.get("test", {})
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metric.items() if k != "n")
+        log.info(f"experiment: done {task.kind} {task.name} seed {task.seed} "
+                 f"({r.get('train_seconds', 0):.0f} s): test {shown}")
 
     _run_tasks(tasks, ds, jobs, threads, record)
     # one value per seed, in seed order
@@ -256,6 +259,26 @@ def _run_tasks(tasks: list[_Task], ds, jobs: int, threads: int, record) -> None:
                 finished.add(t.key)
 
 
+#: the settings an experiment resolved, in the ``--config`` format (:mod:`srp4ctr.runconfig`)
+CONFIG_FILE = "config.yaml"
+
+
+def _write_resolved(out: Path, ds, mcfg, pmcfg, tcfg, pcfg, seeds, models, jobs) -> None:
+    from srp4ctr.data.recorded import dataset_record
+    from srp4ctr.runconfig import PRETRAIN_MODEL_KEYS, write_run_config
+
+    rec = dataset_record(ds)
+    dataset = {"name": ds.name} | {k: rec[k] for k in ("path", "columns") if rec[k] is not None}
+    pre_model = {k: getattr(pmcfg, k) for k in PRETRAIN_MODEL_KEYS
+                 if getattr(pmcfg, k) != getattr(mcfg, k)}
+    write_run_config(out / CONFIG_FILE, {
+        "dataset": dataset, "model": mcfg.to_dict(), "pretrain_model": pre_model,
+        "finetune": tcfg.to_dict(), "pretrain": pcfg.to_dict(),
+        "experiment": {"seeds": list(seeds), "models": list(models), "jobs": int(jobs)},
+    }, f"the settings of this experiment: srp4ctr experiment --config {CONFIG_FILE} --out DIR "
+       "repeats it")
+
+
 def default_pretrain_config(finetune: TrainConfig) -> TrainConfig:
     """Pre-training sees ~1k sequences per epoch on MovieLens-100k: small batches, more epochs."""
     return TrainConfig.from_dict({**finetune.to_dict(), "batch_size": 64, "epochs": 30,
@@ -263,7 +286,12 @@ def default_pretrain_config(finetune: TrainConfig) -> TrainConfig:
 
 
 def _slim(r: dict) -> dict:
-    return {k: v for k, v in r.items() if k != "history"} | {"epochs_run": len(r.get("history", []))}
+    """A run's result as the tables keep it: no history, and its dataset by name and
+    fingerprint only (results are published; the run folders keep the paths)."""
+    out = {k: v for k, v in r.items() if k != "history"} | {"epochs_run": len(r.get("history", []))}
+    if isinstance(out.get("dataset"), dict):
+        out["dataset"] = {k: out["dataset"].get(k) for k in ("name", "fingerprint")}
+    return out
 
 
 def _load(path: Path):

@@ -8,6 +8,7 @@ rank 0 writes the checkpoint, ``metrics.json`` and the learning-curve PNG.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -22,12 +23,23 @@ from torch import nn
 
 from srp4ctr import metrics
 from srp4ctr.bundle import write_bundle_files
+from srp4ctr.data.recorded import dataset_record
 from srp4ctr.errors import InputError
 from srp4ctr.models import SRP4CTR
 from srp4ctr.models.checkpoint import load_model, save_checkpoint
 from srp4ctr.models.registry import model_entry, model_kinds
 from srp4ctr.train.config import TrainConfig
 from srp4ctr.train.distributed import World, all_mean, gather_objects, init_world
+
+log = logging.getLogger(__name__)
+
+#: ModelConfig fields of the encoder's weight shapes: a fine-tuning run started from a
+#: pre-trained encoder takes them from it (a CLI run) or must match them. (``item_only`` may
+#: differ: the side-field embeddings an item-only BERT lacks start from random weights.)
+ENCODER_FIELDS = ("d_model", "n_layers", "n_heads", "ffn_mult", "max_len")
+
+#: the resolved settings every run folder holds (the ``--config`` format)
+RUN_CONFIG_FILE = "run.yaml"
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -43,11 +55,26 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def _progress(iterable, *, total: int, desc: str, enabled: bool):
+    """A progress bar on stderr when ``enabled`` and stderr is a terminal (never in a log)."""
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+
+
+def _metrics_text(metrics: dict, keys=None) -> str:
+    keys = [k for k in (keys or metrics) if isinstance(metrics.get(k), float)]
+    return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys)
+
+
+def _epoch_line(desc: str, rec: dict, epochs: int, best: bool) -> str:
+    """One labelled line per epoch: what trained, which epoch, the training loss and speed,
+    then the validation metrics."""
+    val = {k: v for k, v in rec.items() if k not in _TRAIN_KEYS}
+    return (f"{desc} epoch {rec['epoch']}/{epochs}: train loss {rec['train_loss']:.4f} "
+            f"({rec['train_samples_per_s']:.0f} samples/s, {rec['train_seconds']:.1f} s) | "
+            f"validation {_metrics_text(val)}" + ("  (best so far)" if best else ""))
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
@@ -132,15 +159,16 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def plot_curves(history: list[dict], path: Path, title: str, keys: tuple[str, ...]) -> None:
-    """Training loss and validation metrics per epoch as a PNG (skipped without matplotlib)."""
+def plot_curves(history: list[dict], path: Path, title: str, keys: tuple[str, ...]) -> bool:
+    """Training loss and validation metrics per epoch as a PNG (skipped without matplotlib);
+    whether it was written."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:  # plotting is optional
-        return
+        return False
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4 * (1 + len(keys)), 3.2))
     axes[0].plot(epochs, [h["train_loss"] for h in history], marker="o")
@@ -154,6 +182,7 @@ def plot_curves(history: list[dict], path: Path, title: str, keys: tuple[str, ..
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def _set_threads(cfg: TrainConfig) -> None:
@@ -270,6 +299,11 @@ def _train_epochs(
         warmup_steps=int(cfg.warmup_ratio * total), power=cfg.lr_power,
         end_lr_ratio=cfg.end_lr_ratio,
     )
+    if world.is_main:
+        log.info(f"{desc}: {n} training samples, up to {cfg.epochs} epochs of {steps_per_epoch} "
+                 f"steps (batch {cfg.batch_size}, lr {cfg.lr:g}, {world.size} process(es) on "
+                 f"{cfg.device}, {torch.get_num_threads()} thread(s)); early stopping on "
+                 f"validation {monitor}, patience {cfg.patience}")
     history: list[dict] = []
     best_value, best_state, best_epoch, bad = -math.inf, None, -1, 0
     for epoch in range(1, cfg.epochs + 1):
@@ -302,15 +336,17 @@ def _train_epochs(
             **val,
         }
         history.append(rec)
-        if world.is_main and cfg.progress:
-            shown = {k: round(v, 4) for k, v in rec.items() if isinstance(v, float)}
-            print(f"[{desc}] epoch {epoch}: {shown}", flush=True)
+        if world.is_main:
+            log.info(_epoch_line(desc, rec, cfg.epochs, val[monitor] > best_value))
         if val[monitor] > best_value:
             best_value, best_epoch, bad = val[monitor], epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad += 1
             if bad >= cfg.patience:
+                if world.is_main:
+                    log.info(f"{desc}: early stop after epoch {epoch} ({bad} epoch(s) without a "
+                             f"better validation {monitor}); keeping epoch {best_epoch}")
                 break
     assert best_state is not None
     model.load_state_dict(best_state)
@@ -324,14 +360,6 @@ def _best_record(history: list[dict], epoch: int, exclude=()) -> dict:
     """The validation metrics of the kept (best) epoch — the weights were restored to it."""
     rec = next(h for h in history if h["epoch"] == epoch)
     return {k: v for k, v in rec.items() if k not in exclude}
-
-
-def _dataset_info(ds) -> dict:
-    """What a run records of its dataset: enough to name it in a mismatch error."""
-    source = (ds.meta.get("config") or {}).get("path") if isinstance(ds.meta, dict) else None
-    return {"name": ds.name, "fingerprint": ds.fingerprint,
-            "source": None if source is None else Path(str(source)).name,
-            "n_users": int(ds.n_users), "n_items": int(ds.n_items)}
 
 
 def pretrain(
@@ -387,7 +415,7 @@ def pretrain(
     valid = _best_record(history, best["best_epoch"], exclude=_TRAIN_KEYS)
     result = {
         "kind": kind,
-        "dataset": _dataset_info(ds),
+        "dataset": dataset_record(ds),
         "valid": valid,
         "test": test,
         "history": history,
@@ -400,18 +428,52 @@ def pretrain(
     return result
 
 
+def _run_config(ds, mcfg, cfg, section: str) -> dict:
+    """The settings of a run in the format of ``--config`` files (:mod:`srp4ctr.runconfig`)."""
+    rec = dataset_record(ds)
+    dataset = {"name": ds.name}
+    if rec["path"] is not None:
+        dataset["path"] = rec["path"]
+    if rec["columns"] is not None:
+        dataset["columns"] = rec["columns"]
+    if rec["prepared"] is not None:
+        dataset["data_dir"] = str(Path(rec["prepared"]).parent)
+    return {"dataset": dataset, "model": mcfg.to_dict(), section: cfg.to_dict()}
+
+
 def _save_run(out_dir, model, kind, spec, mcfg, cfg, ds, result, curve_keys) -> None:
+    from srp4ctr.runconfig import write_run_config
+
     out = Path(out_dir)
+    role = model_entry(kind).role
+    log.info(f"{kind}: best epoch {result['best_epoch']}; test {_metrics_text(result['test'])}")
+    run_cfg = _run_config(ds, mcfg, cfg, "pretrain" if role == "pretrain" else "finetune")
+
+    def extra(tmp: Path) -> None:
+        pre = result.get("pretrained") or {}
+        command = (f"pretrain --kind {kind}" if role == "pretrain" else f"finetune --model {kind}"
+                   + (f" --pretrained {pre['path']}" if pre.get("path") else ""))
+        write_run_config(tmp / RUN_CONFIG_FILE, run_cfg,
+                         f"the settings of this {kind} run: srp4ctr {command} --config "
+                         f"{RUN_CONFIG_FILE} --out DIR repeats it")
+        if kind == SRP4CTR.kind:
+            write_bundle_files(tmp, ds)
+
     save_checkpoint(out, model, {
         "kind": kind,
         "model_config": mcfg.to_dict(),
         "spec": spec.to_dict(),
         "train_config": cfg.to_dict(),
-        "dataset": _dataset_info(ds),
+        "dataset": dataset_record(ds),
         "metrics": {k: result[k] for k in ("valid", "test") if k in result},
-    }, extra=(lambda tmp: write_bundle_files(tmp, ds)) if kind == SRP4CTR.kind else None)
+    }, extra=extra)
     _write_json(out / "metrics.json", result)
-    plot_curves(result["history"], out / "curves.png", f"{kind} on {ds.name}", curve_keys)
+    plotted = plot_curves(result["history"], out / "curves.png", f"{kind} on {ds.name}",
+                          curve_keys)
+    log.info(f"wrote {out}: checkpoint (config.json, model.safetensors), {RUN_CONFIG_FILE}, "
+             "metrics.json" + (", curves.png" if plotted else "")
+             + ("; a serving bundle (srp4ctr serve / export-onnx --run it)"
+                if kind == SRP4CTR.kind else ""))
 
 
 def finetune(
@@ -454,7 +516,16 @@ def finetune(
     if entry.takes_encoder:
         encoder = FGBERT(spec, mcfg)
         if pretrained is not None:
-            pre, pre_cfg = load_model(pretrained, dataset_fingerprint=ds.fingerprint)
+            pre, pre_cfg = load_model(pretrained, dataset=ds)
+            pre_m = pre_cfg.get("model_config") or {}
+            differ = {k: (pre_m.get(k), getattr(mcfg, k)) for k in ENCODER_FIELDS
+                      if k in pre_m and pre_m[k] != getattr(mcfg, k)}
+            if differ:
+                raise InputError(
+                    f"{pretrained}: the pre-trained encoder has " + ", ".join(
+                        f"{k} {a}" for k, (a, _) in differ.items()) + "; the model config asks "
+                    "for " + ", ".join(f"{k} {b}" for k, (_, b) in differ.items())
+                    + ": fine-tune with the pre-trained architecture")
             missing, _unexpected = encoder.load_state_dict(pre.state_dict(), strict=False)
             pre_info = {"path": str(pretrained), "kind": pre_cfg["kind"],
                         "fingerprint": pre_cfg["weights_sha256"],
@@ -487,7 +558,7 @@ def finetune(
     result = {
         "kind": kind,
         "name": name or kind,
-        "dataset": _dataset_info(ds),
+        "dataset": dataset_record(ds),
         "pretrained": pre_info,
         "valid": valid,
         "test": test,
@@ -506,7 +577,7 @@ def evaluate(path: str | os.PathLike, ds, *, split: str = "test", batch_size: in
     """Metrics of a saved checkpoint on ``split`` (CTR metrics or next-item metrics)."""
     from srp4ctr.data.samples import CTRDataset, NextItemDataset
 
-    model, cfg = load_model(path, dataset_fingerprint=ds.fingerprint, device=device)
+    model, cfg = load_model(path, dataset=ds, device=device)
     tc = TrainConfig.from_dict(cfg.get("train_config", {}))
     max_len = cfg["model_config"].get("max_len", 200)
     if model_entry(cfg["kind"]).role == "pretrain":
