@@ -1,12 +1,12 @@
 // srp4ctr._C: the C++ CPU scoring path (pybind11).
 //
 //   tower = _C.Tower(d_model, n_heads, layers, head_zn, rest, h1, precision, isa, ln_eps)
-//   tower.score(ids, tables, users, kv_dtype, out, threads)
+//   tower.score(ids, (z0, q0, hz0), [(k, v, head_user), ...], counts, out, threads, tile)
 //
 // Weights arrive as float32 numpy arrays in nn.Linear layout and are packed once (model.cpp).
-// Per request the tensors are passed as raw addresses (the Python wrapper in
-// srp4ctr/engine/backends.py owns them, checks shapes, dtypes and contiguity, and keeps them
-// alive for the call); this file checks what it can (ids in range, counts) before any work.
+// Per request every buffer is a typed numpy array (no raw addresses): dtype, shape against the
+// model, contiguity, id ranges and the caches' finiteness are checked here before any work, so
+// no call from Python can make the kernels read or write outside its arrays.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -160,45 +160,89 @@ class Tower {
     if (width != 1) throw std::invalid_argument("the head must end in one output (the logit)");
   }
 
-  // users: int64 [B, 5] rows (k address, v address, head_user address, history n, count).
-  void score(uintptr_t ids, int64_t n_ids, py::tuple tables, py::array_t<int64_t> users,
-             const std::string& kv_dtype, uintptr_t out, int threads, int tile) {
+  // Every buffer arrives as a typed numpy array (float32, or the bit patterns of bfloat16 as
+  // uint16 / int16) and is checked here before any loop: dtype, rank, shape against the model,
+  // C-contiguity, writability of `out`, the counts against the ids, every id against the
+  // tables' rows, and the caches' values (NaN / inf never become a plausible probability).
+  //   ids     int64 [N]                   rows of the tables
+  //   tables  (z0 [R, d], q0 [R, d] | None, hz0 [R, h1]), one dtype
+  //   users   [(k [NL, n, H, Dh], v [NL, n, H, Dh], head_user [h1]), ...], one dtype
+  //   counts  int64 [B]                   candidates of each user, in order; they sum to N
+  //   out     float32 [N]                 logits (written)
+  void score(const py::array& ids, const py::tuple& tables, const py::list& users,
+             const py::array& counts, py::array out, int threads, int tile) {
     srp4ctr::Request r;
-    if (tables.size() != 5) throw std::invalid_argument("tables: (z0, q0, hz0, rows, dtype)");
-    r.z0 = reinterpret_cast<const void*>(tables[0].cast<uintptr_t>());
-    r.q0 = reinterpret_cast<const void*>(tables[1].cast<uintptr_t>());
-    r.hz0 = reinterpret_cast<const void*>(tables[2].cast<uintptr_t>());
-    r.n_rows = tables[3].cast<int64_t>();
-    r.table_dtype = dtype(tables[4].cast<std::string>());
-    r.kv_dtype = dtype(kv_dtype);
-    r.ids = reinterpret_cast<const int64_t*>(ids);
-    r.out = reinterpret_cast<float*>(out);
-    r.threads = std::max(1, threads);
     if (tile < 1 || tile > 1024) throw std::invalid_argument("tile must be in [1, 1024]");
     r.tile = tile;
-    if (users.ndim() != 2 || users.shape(1) != 5)
-      throw std::invalid_argument("users: expected an int64 array [B, 5]");
-    auto u = users.unchecked<2>();
+    r.threads = std::max(1, threads);
+    const int64_t n_ids = checked(ids, "ids", kI64, {-1});
+    r.ids = static_cast<const int64_t*>(ids.data());
+    checked(out, "out", kOut, {n_ids});
+    if (!out.writeable()) throw std::invalid_argument("out: not writable");
+    r.out = static_cast<float*>(out.mutable_data());
+    if (tables.size() != 3) throw std::invalid_argument("tables: (z0, q0 or None, hz0)");
+    const bool layers = !m_.layers.empty();
+    const py::array z0 = as_array(tables[0], "z0");
+    const py::array hz0 = as_array(tables[2], "hz0");
+    r.table_dtype = float_dtype(z0, "z0");
+    const int64_t rows = checked(z0, "z0", static_cast<int>(r.table_dtype), {-1, m_.d});
+    checked(hz0, "hz0", static_cast<int>(r.table_dtype), {rows, m_.h1});
+    r.z0 = z0.data();
+    r.hz0 = hz0.data();
+    r.n_rows = rows;
+    py::array q0;
+    if (layers) {
+      if (tables[1].is_none()) throw std::invalid_argument("q0: required with tower layers");
+      q0 = as_array(tables[1], "q0");
+      checked(q0, "q0", static_cast<int>(r.table_dtype), {rows, m_.d});
+      r.q0 = q0.data();
+    }
+    const int64_t n_users = checked(counts, "counts", kI64, {-1});
+    if (static_cast<int64_t>(users.size()) != n_users)
+      throw std::invalid_argument("users: " + std::to_string(users.size()) + " caches but " +
+                                  std::to_string(n_users) + " counts");
+    const int64_t* cnt = static_cast<const int64_t*>(counts.data());
+    std::vector<py::array> keep;  // the arrays of every user, alive for the call
+    keep.reserve(3 * users.size());
     int64_t total = 0;
-    for (py::ssize_t b = 0; b < users.shape(0); ++b) {
+    const int64_t nl = static_cast<int64_t>(m_.layers.size());
+    for (int64_t b = 0; b < n_users; ++b) {
+      auto t = users[b].cast<py::tuple>();
+      if (t.size() != 3) throw std::invalid_argument("users: each entry is (k, v, head_user)");
+      const std::string who = "users[" + std::to_string(b) + "].";
+      py::array k = as_array(t[0], (who + "k").c_str());
+      py::array v = as_array(t[1], (who + "v").c_str());
+      py::array hu = as_array(t[2], (who + "head_user").c_str());
+      const DType kd = float_dtype(k, (who + "k").c_str());
+      if (b == 0) r.kv_dtype = kd;
+      if (kd != r.kv_dtype) throw std::invalid_argument(who + "k: another dtype than users[0]");
+      const int64_t n = k.ndim() == 4 ? k.shape(1) : -1;
+      checked(k, (who + "k").c_str(), static_cast<int>(kd), {nl, -1, m_.heads, m_.head_dim});
+      checked(v, (who + "v").c_str(), static_cast<int>(kd), {nl, n, m_.heads, m_.head_dim});
+      checked(hu, (who + "head_user").c_str(), static_cast<int>(kd), {m_.h1});
+      if (cnt[b] < 0) throw std::invalid_argument("counts: negative");
+      finite(k, kd, (who + "k").c_str());
+      finite(v, kd, (who + "v").c_str());
+      finite(hu, kd, (who + "head_user").c_str());
       srp4ctr::UserRef ref;
-      ref.k = reinterpret_cast<const void*>(static_cast<uintptr_t>(u(b, 0)));
-      ref.v = reinterpret_cast<const void*>(static_cast<uintptr_t>(u(b, 1)));
-      ref.head_user = reinterpret_cast<const void*>(static_cast<uintptr_t>(u(b, 2)));
-      ref.n = u(b, 3);
-      ref.count = u(b, 4);
-      if (ref.n < 0 || ref.count < 0) throw std::invalid_argument("negative history or count");
-      if (!ref.head_user || (ref.n && !m_.layers.empty() && (!ref.k || !ref.v)))
-        throw std::invalid_argument("null cache address");
+      ref.k = k.data();
+      ref.v = v.data();
+      ref.head_user = hu.data();
+      ref.n = n;
+      ref.count = cnt[b];
       total += ref.count;
       r.users.push_back(ref);
+      keep.push_back(std::move(k));
+      keep.push_back(std::move(v));
+      keep.push_back(std::move(hu));
     }
-    if (total != n_ids) throw std::invalid_argument("the counts do not add up to the ids");
-    if (!r.z0 || !r.hz0 || (!m_.layers.empty() && !r.q0) || (n_ids && (!r.ids || !r.out)))
-      throw std::invalid_argument("null table or buffer address");
+    if (total != n_ids)
+      throw std::invalid_argument("counts: they add up to " + std::to_string(total) + ", not to " +
+                                  std::to_string(n_ids) + " ids");
     for (int64_t i = 0; i < n_ids; ++i)
       if (r.ids[i] < 0 || r.ids[i] >= r.n_rows)
-        throw std::out_of_range("item row " + std::to_string(r.ids[i]) + " outside the tables");
+        throw std::out_of_range("ids: row " + std::to_string(r.ids[i]) + " outside the tables' " +
+                                std::to_string(r.n_rows));
     if (n_ids == 0) return;
     py::gil_scoped_release nogil;
     srp4ctr::score(m_, r);
@@ -208,11 +252,70 @@ class Tower {
   std::string precision() const { return m_.precision == Precision::kBF16 ? "bf16" : "fp32"; }
 
  private:
-  static DType dtype(const std::string& s) {
-    if (s == "float32") return DType::kF32;
-    if (s == "bfloat16") return DType::kBF16;
-    throw std::invalid_argument("dtype must be 'float32' or 'bfloat16', got '" + s + "'");
+  // what `checked` expects of an array besides a float table dtype
+  static constexpr int kI64 = 100, kOut = 101;
+
+  static py::array as_array(const py::handle& h, const char* what) {
+    if (!py::isinstance<py::array>(h))
+      throw std::invalid_argument(std::string(what) + ": expected a numpy array, got " +
+                                  std::string(py::str(py::type::handle_of(h).attr("__name__"))));
+    return py::reinterpret_borrow<py::array>(h);
   }
+
+  // float32 -> fp32; 2-byte integers -> the bit patterns of bfloat16
+  static DType float_dtype(const py::array& a, const char* what) {
+    const py::dtype dt = a.dtype();
+    if (dt.is(py::dtype::of<float>())) return DType::kF32;
+    if (dt.is(py::dtype::of<uint16_t>()) || dt.is(py::dtype::of<int16_t>())) return DType::kBF16;
+    throw std::invalid_argument(std::string(what) + ": dtype " + std::string(py::str(dt)) +
+                                ", expected float32 or bfloat16 bits (uint16)");
+  }
+
+  // Checks dtype (a DType, or kI64 / kOut), C-contiguity and the shape (-1: any; the first
+  // such dimension's size is returned, else the first dimension's).
+  static int64_t checked(const py::array& a, const char* what, int want,
+                         std::initializer_list<int64_t> shape) {
+    const py::dtype dt = a.dtype();
+    const bool ok = want == kI64   ? dt.is(py::dtype::of<int64_t>())
+                    : want == kOut ? dt.is(py::dtype::of<float>())
+                                   : float_dtype(a, what) == static_cast<DType>(want);
+    if (!ok)
+      throw std::invalid_argument(std::string(what) + ": dtype " + std::string(py::str(dt)) +
+                                  " is not the " +
+                                  (want == kI64 ? "int64" : want == kOut ? "float32" : "tables'") +
+                                  " one");
+    if (a.ndim() != static_cast<py::ssize_t>(shape.size()))
+      throw std::invalid_argument(std::string(what) + ": " + std::to_string(a.ndim()) +
+                                  " dimensions, expected " + std::to_string(shape.size()));
+    int64_t free = -1, i = 0;
+    for (int64_t want_n : shape) {
+      const int64_t got = a.shape(i);
+      if (want_n >= 0 && got != want_n)
+        throw std::invalid_argument(std::string(what) + ": dimension " + std::to_string(i) +
+                                    " is " + std::to_string(got) + ", expected " +
+                                    std::to_string(want_n));
+      if (want_n < 0 && free < 0) free = got;
+      ++i;
+    }
+    if (!(a.flags() & py::array::c_style))
+      throw std::invalid_argument(std::string(what) + ": not C-contiguous");
+    return free >= 0 ? free : (shape.size() ? a.shape(0) : 0);
+  }
+
+  static void finite(const py::array& a, DType dt, const char* what) {
+    const py::ssize_t n = a.size();
+    if (dt == DType::kF32) {
+      const float* p = static_cast<const float*>(a.data());
+      for (py::ssize_t i = 0; i < n; ++i)
+        if (!std::isfinite(p[i])) throw std::invalid_argument(std::string(what) + ": NaN or inf");
+    } else {
+      const uint16_t* p = static_cast<const uint16_t*>(a.data());
+      for (py::ssize_t i = 0; i < n; ++i)
+        if ((p[i] & 0x7F80u) == 0x7F80u)  // bfloat16 exponent all ones: inf or NaN
+          throw std::invalid_argument(std::string(what) + ": NaN or inf");
+    }
+  }
+
   Model m_;
 };
 
@@ -357,9 +460,8 @@ PYBIND11_MODULE(_C, mod) {
            py::arg("d_model"), py::arg("n_heads"), py::arg("layers"), py::arg("head_zn"),
            py::arg("rest"), py::arg("h1"), py::arg("precision"), py::arg("isa"),
            py::arg("ln_eps"))
-      .def("score", &Tower::score, py::arg("ids"), py::arg("n_ids"), py::arg("tables"),
-           py::arg("users"), py::arg("kv_dtype"), py::arg("out"), py::arg("threads"),
-           py::arg("tile"))
+      .def("score", &Tower::score, py::arg("ids"), py::arg("tables"), py::arg("users"),
+           py::arg("counts"), py::arg("out"), py::arg("threads"), py::arg("tile"))
       .def_property_readonly("isa", &Tower::isa)
       .def_property_readonly("precision", &Tower::precision);
   py::class_<UserEncoder>(mod, "UserEncoder")

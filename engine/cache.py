@@ -21,8 +21,9 @@ Without a candidate tower (``use_xattn=False``) ``NL`` is 0.
 
 Files: safetensors with the tensors above and string metadata ``format``
 (``srp4ctr-user-cache``), ``format_version``, ``model_fingerprint``, ``dtype``, ``length``,
-``n_layers``, ``n_heads``, ``head_dim``, ``shapes`` (JSON), ``user_id`` (JSON) and ``sha256`` of
-the tensor bytes, so a truncated or altered file is refused with :class:`CacheError`.
+``n_layers``, ``n_heads``, ``head_dim``, ``shapes`` (JSON), ``user_id`` (JSON) and ``sha256``
+over every other metadata entry and the tensor bytes, so a truncated file, altered tensors or
+altered metadata (another user id, another model) are refused with :class:`CacheError`.
 """
 
 from __future__ import annotations
@@ -39,12 +40,15 @@ from typing import Any
 
 import torch
 
+from srp4ctr._fork import renew_lock_after_fork
 from srp4ctr.errors import CacheError, InputError
 
 __all__ = ["CACHE_FORMAT", "CACHE_FORMAT_VERSION", "UserCache", "UserCacheStore"]
 
 CACHE_FORMAT = "srp4ctr-user-cache"
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: the sha256 covers the metadata too
+_META_KEYS = frozenset({"format", "format_version", "model_fingerprint", "dtype", "length",
+                        "n_layers", "n_heads", "head_dim", "shapes", "user_id", "sha256"})
 _OPTIONAL = ("qtokens", "pooled")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -107,7 +111,6 @@ class UserCache:
         self.pooled = pooled
         self.fingerprint = fingerprint
         self.user_id = user_id
-        self._finite_at: tuple[int, ...] | None = None  # tensor versions when last checked
 
     # ----------------------------------------------------------------------------- shape
     @property
@@ -171,21 +174,12 @@ class UserCache:
         return UserCache(**moved, fingerprint=self.fingerprint, user_id=self.user_id)
 
     # ----------------------------------------------------------------------------- checks
-    def _versions(self) -> tuple[int, ...] | None:
-        try:
-            return tuple(t._version for t in self.tensors().values())
-        except RuntimeError:  # inference-mode tensors have no version counter: check every time
-            return None
-
     def check_finite(self) -> None:
         """Raise :class:`CacheError` if any tensor holds NaN or inf.
 
-        The result is remembered against the tensors' version counters, so re-checking an
-        unmodified cache costs nothing; any in-place write makes the next call look again.
+        Checked on every call: tensors may be written in place through views that no version
+        counter sees (numpy arrays sharing their memory), so nothing is remembered.
         """
-        versions = self._versions()
-        if versions is not None and self._finite_at == versions:
-            return
         tensors = self.tensors()
         # One fp32 sum per tensor: NaN and inf propagate through it, and it costs a few µs where
         # isfinite() on every tensor costs a pass and an allocation each. (A sum overflows fp32
@@ -196,10 +190,12 @@ class UserCache:
                 if not bool(torch.isfinite(t).all()):
                     raise CacheError(f"UserCache.{name} holds NaN or inf")
             raise CacheError("UserCache holds values too large to be finite when summed")
-        self._finite_at = versions
 
-    def _digest(self) -> str:
+    def _digest(self, meta: dict[str, str]) -> str:
+        """sha256 of the metadata entries ``meta`` (all but ``sha256``) and the tensors."""
         h = hashlib.sha256()
+        h.update(json.dumps({k: v for k, v in meta.items() if k != "sha256"},
+                            sort_keys=True).encode())
         for name, t in sorted(self.tensors().items()):
             t = t.detach().to("cpu").contiguous()
             h.update(f"{name}|{_dtype_name(t.dtype)}|{tuple(t.shape)}|".encode())
@@ -209,7 +205,7 @@ class UserCache:
 
     def metadata(self) -> dict[str, str]:
         """The string metadata written with the tensors."""
-        return {
+        meta = {
             "format": CACHE_FORMAT,
             "format_version": str(CACHE_FORMAT_VERSION),
             "model_fingerprint": self.fingerprint,
@@ -221,8 +217,9 @@ class UserCache:
             "shapes": json.dumps({n: list(t.shape) for n, t in self.tensors().items()},
                                  sort_keys=True),
             "user_id": json.dumps(self.user_id),
-            "sha256": self._digest(),
         }
+        meta["sha256"] = self._digest(meta)
+        return meta
 
     # ----------------------------------------------------------------------------- files
     def to_bytes(self) -> bytes:
@@ -244,16 +241,27 @@ class UserCache:
 
         Refuses (:class:`CacheError`) a cache holding NaN/inf or a user id that is not JSON-able.
         """
+        if not isinstance(path, (str, os.PathLike)):
+            raise InputError(f"path must be a path, got {type(path).__name__}")
         data = self.to_bytes()
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        if path.is_dir():
+            raise CacheError(f"{path}: is a directory, not a cache file path")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        except OSError as e:
+            raise CacheError(f"{path}: cannot write the cache there ({e.strerror or e})") \
+                from None
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise CacheError(f"{path}: cannot write the cache ({e.strerror or e})") from None
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -269,7 +277,11 @@ class UserCache:
         Raises:
             CacheError: missing, truncated or altered file, another format, NaN/inf.
         """
+        if not isinstance(path, (str, os.PathLike)):
+            raise InputError(f"path must be a path, got {type(path).__name__}")
         path = Path(path)
+        if path.is_dir():
+            raise CacheError(f"{path}: is a directory, not a cache file")
         if not path.is_file():
             raise CacheError(f"{path}: no such cache file")
         try:
@@ -325,8 +337,12 @@ class UserCache:
         cache = cls(**tensors, fingerprint=fingerprint, user_id=user_id)
         if cache.length != length:
             raise CacheError(f"{where}: length {cache.length} != metadata length {length}")
-        if cache._digest() != digest:
-            raise CacheError(f"{where}: tensor bytes do not match the stored sha256 (corrupt)")
+        if cache._digest(meta) != digest:
+            raise CacheError(f"{where}: tensors or metadata do not match the stored sha256 "
+                             "(corrupt or altered)")
+        unknown = sorted(set(meta) - _META_KEYS)
+        if unknown:
+            raise CacheError(f"{where}: unknown cache metadata {unknown}")
         cache.check_finite()
         return cache.to(device=device) if device is not None else cache
 
@@ -349,9 +365,12 @@ class UserCacheStore:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
             raise InputError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[Hashable, UserCache] = OrderedDict()  # LRU first
+        # user id -> (cache, its size when stored), LRU first: the sizes are accounted as
+        # stored, whatever a caller later rebinds on its cache object
+        self._entries: OrderedDict[Hashable, tuple[UserCache, int]] = OrderedDict()
         self._nbytes = 0
         self._lock = threading.Lock()
+        renew_lock_after_fork(self)  # a thread of the parent may hold it at fork time
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -390,13 +409,13 @@ class UserCacheStore:
         """The cache of ``user_id`` (now the most recently used), else ``default``."""
         self._check_key(user_id)
         with self._lock:
-            cache = self._entries.get(user_id)
-            if cache is None:
+            entry = self._entries.get(user_id)
+            if entry is None:
                 self.misses += 1
                 return default
             self._entries.move_to_end(user_id)
             self.hits += 1
-            return cache
+            return entry[0]
 
     def put(self, user_id: Hashable, cache: UserCache) -> bool:
         """Store ``cache`` under ``user_id`` (replacing any older one), evicting as needed.
@@ -411,14 +430,14 @@ class UserCacheStore:
         with self._lock:
             old = self._entries.pop(user_id, None)
             if old is not None:
-                self._nbytes -= old.nbytes
+                self._nbytes -= old[1]
             if size > self.max_bytes:
                 return False
             while self._entries and self._nbytes + size > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self._nbytes -= evicted.nbytes
+                _, (_, evicted) = self._entries.popitem(last=False)
+                self._nbytes -= evicted
                 self.evictions += 1
-            self._entries[user_id] = cache
+            self._entries[user_id] = (cache, size)
             self._nbytes += size
             return True
 
@@ -426,11 +445,11 @@ class UserCacheStore:
         """Remove and return the cache of ``user_id`` (``default`` when absent)."""
         self._check_key(user_id)
         with self._lock:
-            cache = self._entries.pop(user_id, None)
-            if cache is None:
+            entry = self._entries.pop(user_id, None)
+            if entry is None:
                 return default
-            self._nbytes -= cache.nbytes
-            return cache
+            self._nbytes -= entry[1]
+            return entry[0]
 
     def clear(self) -> None:
         with self._lock:

@@ -45,6 +45,10 @@ from .loading import load_serving_model, model_fingerprint, serving_view
 __all__ = ["DEFAULT_MAX_CHUNK_BYTES", "Engine", "model_fingerprint"]
 
 
+def _dtype_label(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 class Engine:
     """Folded-inference serving of one SRP4CTR model. Build with :meth:`load` (from a checkpoint)
     or :meth:`from_model`.
@@ -82,6 +86,10 @@ class Engine:
             raise CheckpointError(
                 f"the model knows {model.spec.n_items} items, the dataset {dataset.n_items}"
             )
+        for name, t in model.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"model weight {name!r} holds NaN or inf: refusing to "
+                                      "serve it (every score touching it would be NaN or wrong)")
         self.model = model.to(self.device, torch.float32).eval()
         self.model_config = model.config
         self.max_len = int(model.config.max_len)
@@ -93,6 +101,11 @@ class Engine:
         with torch.no_grad():
             self.folded = FoldedModel(model, self.dtype, self.device, cfg.fold_items,
                                       cfg.max_table_bytes, fold_q0=scorer_cls.uses_q0)
+        for name in ("z0", "q0", "hz0", "head_z0"):
+            t = getattr(self.folded, name, None)
+            if isinstance(t, torch.Tensor) and not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"the folded item table {name} holds NaN or inf in "
+                                      f"{_dtype_label(self.dtype)} (a weight too large for it)")
         self._backend: Scorer = scorer_cls(self.folded, options)
         self._user_side: UserSide = user_cls(self.model, options)
 

@@ -82,6 +82,9 @@ def load_serving_model(path: str | os.PathLike, dataset: Any = None,
     from srp4ctr.models import load_model, model_kinds, read_config
 
     path = Path(path)
+    bundled = is_bundle(path) and dataset is None
+    if bundled:
+        read_bundle(path)  # every listed file as recorded, before any of them is read
     cfg = read_config(path)
     kind = cfg.get("kind")
     if kind != SERVING_KIND:
@@ -91,11 +94,10 @@ def load_serving_model(path: str | os.PathLike, dataset: Any = None,
             f"{path}: a {kind!r} checkpoint{hint}; the engine serves SRP4CTR fine-tuning "
             f"checkpoints (kind {SERVING_KIND!r})"
         )
-    if is_bundle(path) and dataset is None:
+    if bundled:
         # a bundle carries its serving tables: no data directory, no download
         from srp4ctr.data.dataset import load_serving_tables
 
-        read_bundle(path)
         try:
             ds = load_serving_tables(path)
         except DataError as e:
@@ -107,4 +109,6 @@ def load_serving_model(path: str | os.PathLike, dataset: Any = None,
     else:
         ds = resolve_dataset(path, cfg.get("dataset") or {}, dataset, data_dir)
     model, cfg = load_model(path, dataset=ds)
-    return model, ds, cfg["weights_sha256"]
+    from srp4ctr.models.checkpoint import model_identity
+
+    return model, ds, model_identity(cfg)

@@ -1,7 +1,8 @@
 """Type stub of the C++ CPU kernels ``srp4ctr._C`` (built from csrc/ by ``pip install``).
 
-The engine's wrappers (``srp4ctr.engine.backends.cpp``) are the supported way to call these: they
-check dtypes, shapes and contiguity and keep the buffers alive for the call.
+The engine's wrappers (``srp4ctr.engine.backends.cpp``) are the supported way to call these. The
+extension checks every buffer itself (typed numpy arrays, never raw addresses): dtype, shape,
+contiguity, id ranges, counts and the caches' finiteness.
 """
 
 from typing import Any, TypeAlias
@@ -10,6 +11,8 @@ import numpy as np
 import numpy.typing as npt
 
 _F32: TypeAlias = npt.NDArray[np.float32]
+#: float32, or the bit patterns of bfloat16 as uint16
+_Buf: TypeAlias = npt.NDArray[np.float32] | npt.NDArray[np.uint16]
 
 class Tower:
     """The candidate side of one model: packed weights, scored tile by tile over a pool."""
@@ -28,17 +31,20 @@ class Tower:
     ) -> None: ...
     def score(
         self,
-        ids: int,
-        n_ids: int,
-        tables: tuple[int, int, int, int, str],
-        users: npt.NDArray[np.int64],
-        kv_dtype: str,
-        out: int,
+        ids: npt.NDArray[np.int64],
+        tables: tuple[_Buf, _Buf | None, _Buf],
+        users: list[tuple[_Buf, _Buf, _Buf]],
+        counts: npt.NDArray[np.int64],
+        out: _F32,
         threads: int,
         tile: int,
     ) -> None:
-        """``ids``/``out``/``tables`` are buffer addresses; ``users`` rows are (k address,
-        v address, head_user address, history rows, candidate count)."""
+        """Logits into ``out`` [N] of ``ids`` [N] (rows of the tables z0 [R, d], q0 [R, d] or
+        None without tower layers, hz0 [R, h1]) against the users' caches (k, v
+        [n_layers, n, H, Dh], head_user [h1]) with ``counts`` [B] candidates each, in order.
+        Arrays are float32, or bfloat16 as their uint16 bits, C-contiguous; every dtype, shape,
+        id and count is checked (``ValueError`` / ``IndexError``) before any work, and caches
+        holding NaN or inf are refused."""
     @property
     def isa(self) -> str: ...
     @property

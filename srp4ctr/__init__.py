@@ -20,6 +20,7 @@ from pathlib import Path as _Path
 if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from srp4ctr import _fork  # noqa: F401  (a forked child's torch threads and locks)
 from srp4ctr.errors import DataError, InputError, SRP4CTRError
 
 

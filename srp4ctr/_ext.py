@@ -7,13 +7,17 @@ torch. (To score without it on purpose, ask the engine for ``backend="torch"``.)
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 from types import ModuleType
 
+from srp4ctr._fork import renew_lock_after_fork
+
 __all__ = ["extension", "unavailable_reason", "warn_fallback"]
 
 _lock = threading.Lock()
+renew_lock_after_fork(sys.modules[__name__])  # held by a thread of the parent at fork time?
 _loaded = False
 _module: ModuleType | None = None
 _error: str | None = None

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from srp4ctr._files import atomic_write_dir, sha256_file, shareable
+from srp4ctr._identity import model_identity
 from srp4ctr.errors import BundleError, InputError
 
 __all__ = ["BUNDLE_FILE", "BUNDLE_FORMAT", "BUNDLE_VERSION", "is_bundle", "make_bundle",
@@ -79,7 +80,7 @@ def write_bundle_files(directory: str | os.PathLike, ds: Any) -> dict[str, Any]:
         "format_version": BUNDLE_VERSION,
         "srp4ctr": __version__,
         "kind": cfg.get("kind"),
-        "model_fingerprint": cfg.get("weights_sha256"),
+        "model_fingerprint": model_identity(cfg),
         "dataset": {"name": ds.name, "fingerprint": ds.fingerprint,
                     "n_items": int(ds.n_items), "n_users": int(ds.n_users)},
         "files": {n: {"bytes": (d / n).stat().st_size, "sha256": sha256_file(d / n)}
@@ -130,7 +131,13 @@ def read_bundle(path: str | os.PathLike) -> dict[str, Any]:
         if name not in _HASHED_ON_LOAD and sha256_file(p) != rec.get("sha256"):
             raise BundleError(f"{p}: sha256 does not match {BUNDLE_FILE} (altered or replaced)")
     cfg = _read_json(d / _CONFIG)
-    if not isinstance(cfg, dict) or cfg.get("weights_sha256") != doc.get("model_fingerprint"):
+    try:
+        # the model's identity (weights and computation config); bundles written before it
+        # existed recorded the weights' sha256
+        ok = doc.get("model_fingerprint") in (model_identity(cfg), cfg["weights_sha256"])
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
         raise BundleError(f"{d / _CONFIG}: its weights hash is not the bundle's model")
     return doc
 

@@ -21,6 +21,7 @@ from srp4ctr.bundle import BUNDLE_FILE, make_bundle, read_bundle
 from srp4ctr.engine import Engine
 from srp4ctr.errors import BundleError, CheckpointError, InputError
 from srp4ctr.models import ModelConfig
+from srp4ctr.models.checkpoint import model_identity
 from srp4ctr.train import TrainConfig, finetune, load_model
 from srp4ctr.train.checkpoint import read_config, save_checkpoint
 
@@ -44,7 +45,7 @@ def test_finetune_writes_a_bundle(trained):
     names = sorted(p.name for p in run.iterdir())
     assert set(BUNDLE_FILES) <= set(names) and "metrics.json" in names
     doc = read_bundle(run)
-    assert doc["model_fingerprint"] == read_config(run)["weights_sha256"]
+    assert doc["model_fingerprint"] == model_identity(read_config(run))
     assert doc["dataset"]["fingerprint"] == ds.fingerprint
     assert sorted(doc["files"]) == [n for n in BUNDLE_FILES if n != BUNDLE_FILE]
     # compact: the serving tables, not the interactions
@@ -106,13 +107,15 @@ def test_a_run_from_before_bundles_gets_one_from_its_dataset(trained, tmp_path):
     perturbed(model, seed=3)
     cfg = {k: v for k, v in cfg.items() if k not in ("format", "format_version",
                                                       "weights_sha256")}
+    # an older run: it recorded its dataset's name and fingerprint, not where it was prepared
+    cfg["dataset"] = {k: cfg["dataset"][k] for k in ("name", "fingerprint")}
     plain = save_checkpoint(tmp_path / "plain", model, cfg)  # a checkpoint, no bundle files
     with pytest.raises(BundleError, match="not a serving bundle"):
         read_bundle(plain)
-    with pytest.raises(CheckpointError, match="not in"):
+    with pytest.raises(CheckpointError, match="neither in its recorded folder nor under"):
         make_bundle(plain, tmp_path / "b", data_dir=tmp_path / "nothing-here")
     doc = make_bundle(plain, tmp_path / "b", data_dir=root / "cache")
-    assert doc["model_fingerprint"] == read_config(plain)["weights_sha256"]
+    assert doc["model_fingerprint"] == model_identity(read_config(plain))
     h = raw_history(ds, 4)
     a = Engine.load(plain, data_dir=root / "cache")
     b = Engine.load(tmp_path / "b")
@@ -157,7 +160,7 @@ def _damage(folder: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how,message", [
     ("missing serving.npz", "missing"), ("truncated weights", "truncated"),
-    ("altered serving tables", "altered"), ("altered config", "altered"),
+    ("altered serving tables", "altered"), ("altered config", "altered|edited"),
     ("other version", "version 99"), ("not json", "unreadable"),
     ("swapped weights", "truncated or replaced"),
 ])

@@ -158,3 +158,70 @@ def test_failure_while_writing_leaves_no_cache_and_keeps_old(tmp_path, monkeypat
     again = data.load_prepared(good.path)
     assert again.fingerprint == good.fingerprint
     assert np.array_equal(again.item, good.item)
+
+
+# ------------------------------------------------------------------- hostile generic tables
+def _csv(tmp_path, lines: list[bytes]) -> object:
+    path = tmp_path / "log.csv"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+_COLS = "user=uid,item=iid,timestamp=ts,rating=r"
+_GOOD = [b"uid,iid,ts,r", b"1,10,100,4", b"1,11,200,3", b"2,10,300,5", b"2,12,400,2"]
+
+
+@pytest.mark.parametrize("bad,line,why", [
+    (b"2,13,500,4,surplus", 6, "expected 4 fields"),       # an extra field
+    (b"3,13,1e30,4", 6, "out of range"),                  # beyond any timestamp
+    (b"3,13,-9.3e18,4", 6, "out of range"),
+    (b"3,\xff\xfe,500,4", 6, "not valid UTF-8"),           # not UTF-8: never merged
+])
+def test_generic_csv_hostile_rows_name_file_and_line(tmp_path, bad, line, why):
+    path = _csv(tmp_path, [*_GOOD, bad])
+    with pytest.raises(DataError, match=why) as e:
+        _prep("csv", path, tmp_path, columns=_COLS)
+    assert e.value.line == line and e.value.path.endswith("log.csv")
+    _no_cache_left(tmp_path)
+
+
+def test_two_non_utf8_ids_are_not_merged(tmp_path):
+    """Two distinct invalid byte sequences would both decode to U+FFFD with replacement: the
+    file is refused instead of merging the two items."""
+    path = _csv(tmp_path, [*_GOOD, b"3,\xff1,500,4", b"3,\xfe1,600,4"])
+    with pytest.raises(DataError, match="UTF-8") as e:
+        _prep("csv", path, tmp_path, columns=_COLS)
+    assert e.value.line == 6
+
+
+def test_parquet_ids_beyond_int64_are_refused(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    big = np.array([1, 2, 2**63 + 5], dtype=np.uint64)
+    table = pa.table({"uid": big, "iid": np.array([1, 2, 3], np.uint64),
+                      "ts": np.array([1, 2, 3], np.int64), "r": np.array([4.0, 3.0, 5.0])})
+    pq.write_table(table, tmp_path / "log.parquet")
+    with pytest.raises(DataError, match="user ids beyond the int64 range") as e:
+        _prep("parquet", tmp_path / "log.parquet", tmp_path, columns=_COLS)
+    assert "row 3" in str(e.value)
+    table = table.set_column(2, "ts", pa.array(np.array([1, 2, 2**60], np.int64)))
+    pq.write_table(table.set_column(0, "uid", pa.array(np.array([1, 2, 3], np.uint64))),
+                   tmp_path / "log.parquet")
+    with pytest.raises(DataError, match="timestamp out of range"):
+        _prep("parquet", tmp_path / "log.parquet", tmp_path, columns=_COLS)
+
+
+@pytest.mark.parametrize("ts,why", [
+    (np.array(["2020-01-01", "2020-01-02"], dtype="datetime64[D]"), "unix seconds"),
+    (np.array([1, 2], dtype="timedelta64[s]"), "unix seconds"),
+    ([1e30, 1.0], "out of range"),
+    (np.array([2**63 - 1, 5], dtype=np.int64), "out of range"),
+    (np.array([2**64 - 1, 5], dtype=np.uint64), "out of range"),
+])
+def test_history_timestamps_that_are_not_unix_seconds(tmp_path, ts, why):
+    ratings = random_ratings(n_users=4, n_items=10, per_user=(3, 6), seed=0)
+    ds = _prep("ml-1m", write_ml_dat(tmp_path / "ml", ratings), tmp_path)
+    item = int(ds.item_raw[1])
+    with pytest.raises(InputError, match=why):
+        ds.encode_user_history({"item_id": [item, item], "rating": [4, 4], "timestamp": ts})

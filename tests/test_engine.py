@@ -131,7 +131,7 @@ def test_load_refuses_another_dataset(ckpt, root, tmp_path):
                          progress=False)
     with pytest.raises(CheckpointError, match="fingerprint"):
         Engine.load(ckpt, dataset=other)
-    with pytest.raises(CheckpointError, match="not in"):
+    with pytest.raises(CheckpointError, match="neither in its recorded folder nor under"):
         Engine.load(ckpt, data_dir=tmp_path / "empty")
 
 

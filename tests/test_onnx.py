@@ -34,6 +34,7 @@ from srp4ctr.engine.onnx_export import (
 )
 from srp4ctr.errors import CheckpointError, InputError, UnknownItemError
 from srp4ctr.models import FGBERT, SRP4CTR, ModelConfig, ModelSpec
+from srp4ctr.models.checkpoint import model_identity
 from srp4ctr.serving import Scorer, UserCache
 from srp4ctr.train import TrainConfig, finetune, load_model
 from srp4ctr.train.checkpoint import read_config, save_checkpoint
@@ -146,7 +147,7 @@ def test_export_folder_manifest_and_graphs(cli_run, exported, ckpt, tiny):
     assert files == ["manifest.json", "scorer.onnx", "scorer_multi.onnx", "serving.json",
                      "serving.npz", "user_encoder.onnx"]
     m = read_manifest(exported)
-    assert m["model_fingerprint"] == read_config(ckpt)["weights_sha256"]
+    assert m["model_fingerprint"] == model_identity(read_config(ckpt))
     assert m["dataset"]["fingerprint"] == tiny.fingerprint
     assert m["opset"] == 20 and m["attention"] == "matmul"
     assert m["verification"]["max_abs_diff"]["probs"] <= ATOL

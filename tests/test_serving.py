@@ -140,12 +140,20 @@ def test_the_same_bad_input_gets_the_same_error(setup):
         assert type(a.value) is type(b.value) and str(a.value) == str(b.value), h
     ce, cs = engine.encode_user(good), scorer.encode_user(good)
     for cands, strict in (([1, -3], False), ([1.5], False), ([True, 2], False),
-                          (["a"], False), ([[1, 2]], False), ([10**9], True)):
+                          (["a"], False), ([[1, 2]], False), ([10**9], True),
+                          ({1: 0.5, 2: 0.5}, False), ({1, 2}, False),
+                          (np.array([2**63], dtype=np.uint64), False)):
         with pytest.raises(InputError) as a:
             engine.score(ce, cands, strict)
         with pytest.raises(InputError) as b:
             scorer.score(cs, cands, strict)
         assert type(a.value) is type(b.value) and str(a.value) == str(b.value), cands
+    for uid in (1.5, float("nan"), True, [1]):
+        with pytest.raises(InputError) as a:
+            engine.encode_user(good, user_id=uid)
+        with pytest.raises(InputError) as b:
+            scorer.encode_user(good, user_id=uid)
+        assert type(a.value) is type(b.value) and str(a.value) == str(b.value), uid
     with pytest.raises(UnknownItemError):
         scorer.score(cs, [10**9], strict=True)
     with pytest.raises(CacheError):
@@ -224,3 +232,26 @@ def test_int8_scorers_are_offered_not_equal(setup, tmp_path):
     (tmp_path / "onnx" / "scorer.int8.onnx").write_bytes(b"garbage")
     with pytest.raises(Exception, match="sha256"):
         Scorer.load(tmp_path / "onnx", precision="int8")
+
+
+@pytest.mark.parametrize("entry", ["../outside.onnx", "/etc/passwd", "sub/x.onnx", "..", "",
+                                   "link.onnx"])
+def test_manifest_entries_stay_inside_the_folder(setup, tmp_path, entry):
+    """A manifest naming a file outside the export folder (path traversal, an absolute path,
+    a link pointing away) is refused before anything is opened."""
+    import shutil
+
+    from srp4ctr.errors import CheckpointError
+    from srp4ctr.serving import Scorer
+
+    root = setup[0]
+    folder = tmp_path / "export"
+    shutil.copytree(root / "onnx", folder)
+    shutil.copy(folder / "scorer.onnx", tmp_path / "outside.onnx")
+    (folder / "link.onnx").symlink_to(tmp_path / "outside.onnx")
+    m = json.loads((folder / "manifest.json").read_text())
+    m["graphs"]["scorer"]["file"] = entry
+    (folder / "manifest.json").write_text(json.dumps(m))
+    for verify in (True, False):
+        with pytest.raises(CheckpointError, match="not a file of the export folder"):
+            Scorer.load(folder, threads=1, verify_files=verify)

@@ -34,6 +34,18 @@ from .torch import item_rows
 __all__ = ["CppBackend", "CppUserSide"]
 
 
+def _as_buffer(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as the typed numpy array the C++ side takes (sharing its memory; a
+    contiguous copy where it is not contiguous): float32 as is, bfloat16 as its uint16 bits,
+    int64 as is."""
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.uint16)
+    return t.numpy()
+
+
 def _np_f32(t: torch.Tensor) -> np.ndarray:
     """A CPU float32 contiguous numpy view (or copy) of a weight, for the C++ packers."""
     return t.detach().to("cpu", torch.float32).contiguous().numpy()
@@ -87,8 +99,6 @@ class CppBackend(Scorer):
         self._tower = ext.Tower(fm.d_model, fm.n_heads, layers,
                                 None if fm.head_zn is None else f32(fm.head_zn), rest, fm.h1,
                                 precision, self.options.isa, fm.eps)
-        self._dtype_name = str(fm.dtype).replace("torch.", "")
-        self._dummy = torch.zeros(1, dtype=fm.dtype)  # a valid address for absent tables
 
     @classmethod
     def hardware_reason(cls, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -122,19 +132,12 @@ class CppBackend(Scorer):
             z0, q0, hz0 = (t.contiguous() if t is not None else None
                            for t in item_rows(fm, item_ids))
             ids = torch.arange(N, dtype=torch.int64)
-        q0 = self._dummy if q0 is None else q0
-        rows = int(z0.shape[0])
-        keep = []  # contiguous copies must outlive the call
-        table = np.empty((len(users), 5), dtype=np.int64)
-        for b, (c, count) in enumerate(users):
-            k, v, hu = c.k.contiguous(), c.v.contiguous(), c.head_user.contiguous()
-            keep.append((k, v, hu))
-            table[b] = (k.data_ptr(), v.data_ptr(), hu.data_ptr(), c.length, count)
-        self._tower.score(ids.data_ptr(), N, (z0.data_ptr(), q0.data_ptr(), hz0.data_ptr(), rows,
-                                              str(z0.dtype).replace("torch.", "")),
-                          table, self._dtype_name, out.data_ptr(), self.options.pool_threads(),
+        arr = _as_buffer
+        users_arg = [(arr(c.k), arr(c.v), arr(c.head_user)) for c, _ in users]
+        counts = np.fromiter((n for _, n in users), dtype=np.int64, count=len(users))
+        self._tower.score(arr(ids), (arr(z0), None if q0 is None else arr(q0), arr(hz0)),
+                          users_arg, counts, out.numpy(), self.options.pool_threads(),
                           self.options.tile)
-        del keep
         return out if fm.dtype == torch.float32 else out.to(fm.dtype)
 
     def score_one(self, cache: UserCache, item_ids: torch.Tensor) -> torch.Tensor:

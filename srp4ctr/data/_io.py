@@ -77,6 +77,8 @@ def _check_field(value: str, kind: Kind) -> str | None:
             return f"{v!r} is not a number"
         if not math.isfinite(f):
             return f"{v!r} is not a finite number"
+        if kind == "time" and abs(f) > 2.0**53:
+            return f"timestamp {v!r} out of range (|t| > 2**53 seconds)"
         if kind == "label" and f not in (0.0, 1.0):
             return f"label {v!r} is not 0 or 1"
         return None
@@ -263,17 +265,23 @@ def read_named(
         raise_named(path, display, header=header, columns=columns, sep=sep, cause=e)
 
     try:
+        # every column is parsed, not only ``columns``: with ``usecols`` the parser silently
+        # drops the extra fields of a row that has more than the header; the others are read
+        # as strings and dropped. Invalid UTF-8 is an error (replacing it would merge ids).
         df = pd.read_csv(
             path,
             sep=sep,
-            usecols=list(columns),
-            dtype=dtype,
+            dtype={**{c: "str" for c in header}, **dtype},
             engine="c",
             keep_default_na=False,
             na_values={c: [""] for c in columns},
             encoding="utf-8",
-            encoding_errors="replace",
-        )
+            encoding_errors="strict",
+        )[list(columns)]
+    except UnicodeDecodeError:
+        line = _first_non_utf8_line(path)
+        raise DataError("not valid UTF-8 (save the file as UTF-8)", path=display,
+                        line=line) from None
     except (ValueError, pd.errors.ParserError, OverflowError) as e:
         fail(e)
         raise  # unreachable
@@ -283,6 +291,17 @@ def read_named(
         if df[c].isna().any():
             fail(f"missing value in column {c!r}")
     return df
+
+
+def _first_non_utf8_line(path: str | os.PathLike) -> int | None:
+    """The 1-based number of the first line that is not valid UTF-8."""
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return i
+    return None
 
 
 def raise_named(

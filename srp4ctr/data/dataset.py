@@ -66,6 +66,26 @@ def split_index(split: str | int) -> int:
     raise InputError(f"split must be one of {SPLIT_NAMES} (or 0, 1, 2), got {split!r}")
 
 
+def _int_keys(flat: np.ndarray, what: str) -> np.ndarray:
+    """Raw integer ids as int64 keys; :class:`InputError` for booleans, non-numbers, fractions,
+    NaN, negatives and values outside int64 (which would wrap onto other ids)."""
+    kind = flat.dtype.kind
+    if kind == "b" or kind not in "iuf":
+        raise InputError(f"{what} ids must be integers, got dtype {flat.dtype}")
+    if kind == "f":
+        if not np.all(np.isfinite(flat)) or np.any(flat != np.floor(flat)):
+            raise InputError(f"{what} ids must be integers (got non-integer values, e.g. "
+                             f"{flat[~np.isfinite(flat) | (flat != np.floor(flat))][:3].tolist()})")
+        if np.any(np.abs(flat) >= 2.0**63):
+            raise InputError(f"{what} ids out of the int64 range")
+    elif kind == "u" and np.any(flat > np.iinfo(np.int64).max):
+        raise InputError(f"{what} ids out of the int64 range, e.g. "
+                         f"{flat[flat > np.iinfo(np.int64).max][:3].tolist()}")
+    if np.any(flat < 0):
+        raise InputError(f"{what} ids must be non-negative, got {flat[flat < 0][:5].tolist()}")
+    return flat.astype(np.int64)
+
+
 class PreparedDataset:
     """A prepared dataset (see :mod:`srp4ctr.data` for the contract of every attribute).
 
@@ -240,16 +260,7 @@ class PreparedDataset:
         if self._raw_is_int():
             if flat.size == 0:
                 return np.zeros(shape, dtype=np.int64)
-            if flat.dtype.kind == "b" or flat.dtype.kind not in "iuf":
-                raise InputError(f"item ids must be integers, got dtype {arr.dtype}")
-            if flat.dtype.kind == "f":
-                if not np.all(np.isfinite(flat)) or np.any(flat != np.floor(flat)):
-                    raise InputError("item ids must be integers (got non-integer values)")
-                if np.any(np.abs(flat) > 2**62):
-                    raise InputError("item ids out of the int64 range")
-            if np.any(flat < 0):
-                raise InputError(f"item ids must be non-negative, got {flat[flat < 0][:5].tolist()}")
-            keys = flat.astype(np.int64)
+            keys = _int_keys(flat, "item")
         else:
             if flat.dtype.kind in "iuf" and flat.size and not np.all(flat >= 0):
                 raise InputError("item ids must be non-negative (and not NaN)")
@@ -272,9 +283,7 @@ class PreparedDataset:
         if flat.size == 0:
             return np.zeros(arr.shape, dtype=np.int64)
         if self.user_raw.dtype.kind in "iu":
-            if flat.dtype.kind not in "iuf" or flat.dtype.kind == "b":
-                raise InputError(f"user ids must be integers, got dtype {arr.dtype}")
-            keys = flat.astype(np.int64)
+            keys = _int_keys(flat, "user")
         else:
             keys = flat.astype(str)
         idx = np.searchsorted(known, keys)

@@ -135,15 +135,30 @@ def encode_values(values: Any, vocab: Sequence[Any]) -> np.ndarray:
     return idx_c.astype(np.int64) + 1
 
 
+#: the largest timestamp magnitude taken (seconds): exact in float64, and far from int64
+#: overflow in the gap arithmetic (about 285 million years)
+MAX_ABS_TIMESTAMP = 2**53
+
+
 def _as_int_timestamps(timestamps: Any) -> np.ndarray:
     ts = np.asarray(timestamps)
     if ts.ndim != 1:
         ts = ts.reshape(-1)
+    if ts.dtype.kind in "Mm":
+        raise InputError(f"timestamps must be unix seconds (numbers), got {ts.dtype}; convert "
+                         "with arr.astype('datetime64[s]').astype('int64')")
     if ts.dtype.kind in "iu":
+        if ts.size and (np.any(ts > MAX_ABS_TIMESTAMP) or
+                        (ts.dtype.kind == "i" and np.any(ts < -MAX_ABS_TIMESTAMP))):
+            raise InputError(f"timestamps out of range (|t| > 2**53 seconds), e.g. "
+                             f"{ts[np.abs(ts.astype(np.float64)) > MAX_ABS_TIMESTAMP][:3].tolist()}")
         return ts.astype(np.int64, copy=False)
     if ts.dtype.kind == "f":
         if not np.all(np.isfinite(ts)):
             raise InputError("timestamps contain NaN or inf")
+        if ts.size and np.any(np.abs(ts) > MAX_ABS_TIMESTAMP):
+            raise InputError(f"timestamps out of range (|t| > 2**53 seconds), e.g. "
+                             f"{ts[np.abs(ts) > MAX_ABS_TIMESTAMP][:3].tolist()}")
         return np.floor(ts).astype(np.int64)
     if ts.dtype.kind == "b":
         raise InputError("timestamps must be integers (unix seconds), got bool")

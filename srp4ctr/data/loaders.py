@@ -449,6 +449,14 @@ def _ids(s: pd.Series) -> np.ndarray:
     return s.astype(str).to_numpy(dtype=str)
 
 
+class _OutOfRange(ValueError):
+    """A timestamp beyond :data:`~srp4ctr.data.features.MAX_ABS_TIMESTAMP` at ``row``."""
+
+    def __init__(self, row: int):
+        super().__init__(row)
+        self.row = row
+
+
 def _unix_seconds(s: pd.Series) -> np.ndarray | None:
     """Timestamps as int64 unix seconds, or None if some value is neither number nor date."""
     if isinstance(s.dtype, pd.DatetimeTZDtype) or s.dtype.kind == "M":
@@ -457,10 +465,18 @@ def _unix_seconds(s: pd.Series) -> np.ndarray | None:
             return None
         return ((t - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(np.int64)
     if s.dtype.kind in "iu":
-        return s.to_numpy(dtype=np.int64)
+        a = s.to_numpy()
+        if a.size and np.any(np.abs(a.astype(np.float64)) > F.MAX_ABS_TIMESTAMP):
+            raise _OutOfRange(int(np.flatnonzero(np.abs(a.astype(np.float64))
+                                                 > F.MAX_ABS_TIMESTAMP)[0]))
+        return a.astype(np.int64)
     if s.dtype.kind == "f":
         a = s.to_numpy(dtype=np.float64)
-        return np.floor(a).astype(np.int64) if np.all(np.isfinite(a)) else None
+        if not np.all(np.isfinite(a)):
+            return None
+        if a.size and np.any(np.abs(a) > F.MAX_ABS_TIMESTAMP):
+            raise _OutOfRange(int(np.flatnonzero(np.abs(a) > F.MAX_ABS_TIMESTAMP)[0]))
+        return np.floor(a).astype(np.int64)
     num = pd.to_numeric(s, errors="coerce")
     if not num.isna().any():
         return _unix_seconds(num)
@@ -536,12 +552,20 @@ def load_generic(path: Path, fmt: str, columns: Any) -> RawData:
     if len(df) == 0:
         raise DataError("no interactions (empty table)", path=display)
 
-    ts = _unix_seconds(df[mapping["timestamp"]])
+    try:
+        ts = _unix_seconds(df[mapping["timestamp"]])
+    except _OutOfRange as e:
+        fail("timestamp out of range (|t| > 2**53 seconds)", mapping["timestamp"], e.row)
     if ts is None:
         col = df[mapping["timestamp"]]
         num = pd.to_numeric(col, errors="coerce")
         fail("timestamp is neither a number nor an ISO date-time", mapping["timestamp"],
              int(np.flatnonzero(num.isna().to_numpy())[0]) if num.isna().any() else None)
+    for key in ("user", "item"):
+        col = df[mapping[key]]
+        if col.dtype.kind == "u" and len(col) and col.max() > np.iinfo(np.int64).max:
+            fail(f"{key} ids beyond the int64 range", mapping[key],
+                 int(np.flatnonzero(col.to_numpy() > np.iinfo(np.int64).max)[0]))
     user = _ids(df[mapping["user"]])
     item = _ids(df[mapping["item"]])
     if item.dtype.kind in "iu" and item.size and item.min() < 0:

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from srp4ctr._files import atomic_write_dir, sha256_file
-from srp4ctr.errors import CheckpointError
+from srp4ctr._identity import COMPUTATION_KEYS, config_sha256, model_identity
+from srp4ctr.errors import CheckpointError, InputError
 from srp4ctr.models.fgbert import FGBERT
 from srp4ctr.models.registry import model_entry, model_kinds
 from srp4ctr.models.spec import ModelConfig, ModelSpec
@@ -33,6 +34,8 @@ __all__ = [
     "WEIGHTS_FILE",
     "Checkpoint",
     "atomic_write_dir",
+    "config_sha256",
+    "model_identity",
     "load_checkpoint",
     "load_model",
     "read_config",
@@ -79,6 +82,7 @@ def save_checkpoint(
         cfg["format"] = FORMAT
         cfg["format_version"] = FORMAT_VERSION
         cfg["weights_sha256"] = sha256_file(weights)
+        cfg["config_sha256"] = config_sha256(cfg)
         with open(tmp / CONFIG_FILE, "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
             f.write("\n")
@@ -96,8 +100,9 @@ class Checkpoint:
 
     @property
     def fingerprint(self) -> str:
-        """Identity of the model: the sha256 of its weights file."""
-        return self.config["weights_sha256"]
+        """Identity of the model: its weights and the config that defines its computation
+        (:func:`model_identity`)."""
+        return model_identity(self.config)
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -112,12 +117,26 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
             cfg = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path}: not a checkpoint config (a JSON "
+                              f"{type(cfg).__name__}, not an object)")
     if cfg.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_path}: not an srp4ctr checkpoint")
     if cfg.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{cfg_path}: format version {cfg.get('format_version')} (expected {FORMAT_VERSION})"
         )
+    for key, kind in (("kind", str), ("model_config", dict), ("spec", dict),
+                      ("weights_sha256", str)):
+        if not isinstance(cfg.get(key), kind):
+            raise CheckpointError(f"{cfg_path}: field {key!r} is "
+                                  + ("missing" if key not in cfg else
+                                     f"a {type(cfg[key]).__name__}, not a {kind.__name__}"))
+    stored = cfg.get("config_sha256")
+    if stored is not None and stored != config_sha256(cfg):
+        changed = ", ".join(COMPUTATION_KEYS)
+        raise CheckpointError(f"{cfg_path}: the model's settings ({changed}) do not match the "
+                              "config_sha256 written with the weights: config.json was edited")
     return cfg
 
 
@@ -170,6 +189,10 @@ def load_checkpoint(
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights}: cannot be read ({e})") from None
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{weights}: tensor {name!r} holds {bad} NaN or inf value(s)")
     return Checkpoint(path=path, config=cfg, state=state)
 
 
@@ -182,12 +205,27 @@ def load_model(path: str | os.PathLike, *, dataset_fingerprint: str | None = Non
     """
     ck = load_checkpoint(path, expect_kind=model_kinds("pretrain") + model_kinds("ctr"),
                          dataset_fingerprint=dataset_fingerprint, dataset=dataset)
+    cfg_path = Path(path) / CONFIG_FILE
+    for key, parse in (("spec", ModelSpec.from_dict), ("model_config", ModelConfig.from_dict)):
+        try:
+            parse(ck.config[key])
+        except (InputError, KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{cfg_path}: field {key!r} is not valid ({e})") from None
     spec = ModelSpec.from_dict(ck.config["spec"])
     mcfg = ModelConfig.from_dict(ck.config["model_config"])
     entry = model_entry(ck.config["kind"])
-    encoder = FGBERT(spec, mcfg) if entry.takes_encoder else None
-    model = entry.build(spec, mcfg, encoder=encoder)
-    missing, unexpected = model.load_state_dict(ck.state, strict=False)
+    try:
+        encoder = FGBERT(spec, mcfg) if entry.takes_encoder else None
+        model = entry.build(spec, mcfg, encoder=encoder)
+    except (InputError, ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{cfg_path}: the model it describes cannot be built ({e})") \
+            from None
+    try:
+        missing, unexpected = model.load_state_dict(ck.state, strict=False)
+    except RuntimeError as e:  # shapes of the weights and of the config's model differ
+        first = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{path}: the weights do not fit the model config.json describes "
+                              f"({first})") from None
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: weights do not fit the model (missing {list(missing)[:5]}, "

@@ -58,6 +58,15 @@ def is_tensor(value: Any) -> bool:
     return type(value).__module__.split(".")[0] == "torch" and hasattr(value, "detach")
 
 
+def _check_dense(t: Any, what: str) -> None:
+    """A tensor whose values can be read: strided (not sparse) and with data (not on the meta
+    device)."""
+    if str(getattr(t, "layout", "torch.strided")) != "torch.strided":
+        raise InputError(f"{what} must be a dense tensor, got layout {t.layout}")
+    if getattr(getattr(t, "device", None), "type", None) == "meta":
+        raise InputError(f"{what} is a meta tensor (no data)")
+
+
 def as_history_dict(history: Any, user_id: Any = None) -> dict[str, Any]:
     """A :class:`History` or mapping -> the dict ``PreparedDataset.encode_user_history`` takes.
 
@@ -80,6 +89,7 @@ def as_history_dict(history: Any, user_id: Any = None) -> dict[str, Any]:
         if isinstance(value, (str, bytes)):
             raise InputError(f"history[{key!r}] must be a sequence, got a string")
         if is_tensor(value):
+            _check_dense(value, f"history[{key!r}]")
             value = value.detach().cpu().numpy()
         try:
             arr = np.asarray(value)
@@ -96,7 +106,35 @@ def as_history_dict(history: Any, user_id: Any = None) -> dict[str, Any]:
         d["user_id"] = user_id
     if "user_id" in d and d["user_id"] is None:
         del d["user_id"]
+    if "user_id" in d:
+        d["user_id"] = _check_user_id(d["user_id"])
     return d
+
+
+def _check_user_id(uid: Any) -> Any:
+    """One raw user id: an integer (or an integral float), a string or bytes; never a bool, a
+    fraction, NaN or a container."""
+    if is_tensor(uid):
+        _check_dense(uid, "user_id")
+        if uid.numel() != 1:
+            raise InputError(f"user_id must be one id, got a tensor of shape {tuple(uid.shape)}")
+        uid = uid.item()
+    if isinstance(uid, np.ndarray):
+        if uid.ndim != 0:
+            raise InputError(f"user_id must be one id, got an array of shape {uid.shape}")
+        uid = uid.item()
+    if isinstance(uid, np.generic):
+        uid = uid.item()
+    if isinstance(uid, bool):
+        raise InputError("user_id must be an id, got a bool")
+    if isinstance(uid, float):
+        if not np.isfinite(uid) or uid != int(uid):
+            raise InputError(f"user_id must be an integer id, got {uid!r}")
+        return int(uid)
+    if not isinstance(uid, (int, str, bytes)):
+        raise InputError(f"user_id must be an integer or string id, got "
+                         f"{type(uid).__name__}")
+    return uid
 
 
 def as_raw_ids(candidates: Any, *, string_ids: bool = False) -> np.ndarray:
@@ -107,6 +145,7 @@ def as_raw_ids(candidates: Any, *, string_ids: bool = False) -> np.ndarray:
     ``encode_items``. ``string_ids``: the dataset's raw item ids are strings.
     """
     if is_tensor(candidates):
+        _check_dense(candidates, "candidates")
         if candidates.dim() != 1:
             raise InputError(
                 f"candidates must be a 1-D tensor of item ids, got shape {tuple(candidates.shape)}"
@@ -119,6 +158,10 @@ def as_raw_ids(candidates: Any, *, string_ids: bool = False) -> np.ndarray:
         return t.cpu().numpy()
     if isinstance(candidates, (str, bytes)):
         raise InputError("candidates must be a sequence of item ids, got a string")
+    if isinstance(candidates, (Mapping, set, frozenset)):
+        # a dict iterates its keys and a set has no order: the probabilities would not line up
+        raise InputError(f"candidates must be an ordered sequence of item ids (list, tuple, "
+                         f"array or tensor), got a {type(candidates).__name__}")
     if isinstance(candidates, np.ndarray):
         arr = candidates
     else:

@@ -121,15 +121,15 @@ class Scorer:
         self.sc_inputs = {i["name"]: i for i in graphs["scorer"]["inputs"]}
         self.user_fields = [n[5:] for n in self.enc_inputs if n.startswith("user_")]
 
-        files = {role: g["file"] for role, g in graphs.items()}
+        files = {role: self._member(g["file"]) for role, g in graphs.items()}
         if precision == "int8":
             int8 = (m.get("variants") or {}).get("int8")
             if not int8:
                 raise InputError(f"{self.model_dir}: no int8 scorers (export with --int8)")
-            files.update({role: g["file"] for role, g in int8["graphs"].items()})
+            files.update({role: self._member(g["file"]) for role, g in int8["graphs"].items()})
 
         def session(role: str):
-            s = open_session(self.model_dir / files[role], runtime, threads=threads,
+            s = open_session(files[role], runtime, threads=threads,
                              precision=precision if role != "user_encoder" else
                              ("fp32" if precision == "int8" else precision),
                              providers=providers)
@@ -196,6 +196,17 @@ class Scorer:
         return cls(model_dir, runtime=runtime, threads=threads, precision=precision,
                    providers=providers, verify_files=verify_files)
 
+    def _member(self, name: Any) -> Path:
+        """The file ``name`` of the manifest inside the model folder: a plain file name, never
+        a path that leads out of it (``../x``, ``/x``, a link pointing away)."""
+        ok = isinstance(name, str) and name and name not in (".", "..") and \
+            "/" not in name and "\\" not in name and "\0" not in name
+        path = self.model_dir / name if ok else None
+        if path is None or path.resolve().parent != self.model_dir.resolve():
+            raise CheckpointError(f"{self.model_dir / 'manifest.json'}: file entry {name!r} is "
+                                  "not a file of the export folder")
+        return path
+
     def _verify_files(self, m: dict) -> None:
         entries = []
         for g in m["graphs"].values():
@@ -206,7 +217,7 @@ class Scorer:
         for variant in (m.get("variants") or {}).values():
             entries += [(g["file"], g.get("sha256")) for g in variant["graphs"].values()]
         for name, digest in entries:
-            path = self.model_dir / name
+            path = self._member(name)
             if not path.is_file():
                 raise CheckpointError(f"{path}: missing")
             if sha256_file(path) != digest:
