@@ -67,6 +67,9 @@ def test_editing_the_computation_config_is_refused(bundle, tmp_path, change):
         return cfg
 
     _edit_config(b, edit)
+    with pytest.raises(CheckpointError, match="not the bundle's model"):  # the bundle's check
+        Engine.load(b, backend="torch")
+    (b / "bundle.json").unlink()  # the checkpoint's own
     with pytest.raises(CheckpointError, match="config.json was edited"):
         Engine.load(b, backend="torch")
     with pytest.raises(CheckpointError, match="config.json was edited"):

@@ -97,6 +97,9 @@ class Scorer(abc.ABC):
     name: ClassVar[str] = "base"
     #: whether the scorer reads the folded first-layer query table (else it is not built)
     uses_q0: ClassVar[bool] = True
+    #: whether the scorer itself refuses caches holding NaN / inf (with a CacheError) before it
+    #: scores, so the engine need not check them first
+    checks_finite: ClassVar[bool] = False
 
     def __init__(self, folded: FoldedModel, options: BackendOptions | None = None):
         self.folded = folded

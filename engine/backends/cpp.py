@@ -19,11 +19,13 @@ the model, through Python.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
+from srp4ctr.errors import CacheError
 from srp4ctr.kernels import BackendUnavailableError
 
 from ..cache import UserCache
@@ -32,6 +34,10 @@ from ._base import BackendOptions, Scorer, UserSide, UserTensors, intra_op_threa
 from .torch import item_rows
 
 __all__ = ["CppBackend", "CppUserSide"]
+
+
+#: the extension's message for a cache holding NaN / inf
+_NON_FINITE = re.compile(r"users\[\d+\]\.(k|v|head_user): NaN or inf$")
 
 
 def _as_buffer(t: torch.Tensor) -> np.ndarray:
@@ -44,6 +50,18 @@ def _as_buffer(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         t = t.view(torch.uint16)
     return t.numpy()
+
+
+def _cache_buffers(c: UserCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(k, v, head_user)`` of a cache as :func:`_as_buffer` arrays, kept on the cache while
+    its tensors stay the same objects (the arrays share their memory, so writes show; the
+    extension checks the values on every call)."""
+    key = (id(c.k), id(c.v), id(c.head_user))
+    held = c.__dict__.get("_cpp_buffers")
+    if held is None or held[0] != key:
+        held = (key, (_as_buffer(c.k), _as_buffer(c.v), _as_buffer(c.head_user)))
+        c.__dict__["_cpp_buffers"] = held
+    return held[1]
 
 
 def _np_f32(t: torch.Tensor) -> np.ndarray:
@@ -84,6 +102,7 @@ class CppBackend(Scorer):
     """The C++ candidate side (see the module docstring)."""
 
     name = "cpp"
+    checks_finite = True  # the extension refuses non-finite caches before it scores
     DTYPES = (torch.float32, torch.bfloat16)
 
     def __init__(self, folded: FoldedModel, options: BackendOptions | None = None):
@@ -96,6 +115,7 @@ class CppBackend(Scorer):
         layers = [{name: f32(getattr(p, name)) for name in p._fields} for p in fm.layers]
         rest = [(f32(w), f32(b)) for w, b in fm.rest]
         precision = "bf16" if fm.dtype == torch.bfloat16 else "fp32"
+        self._tables: tuple | None = None
         self._tower = ext.Tower(fm.d_model, fm.n_heads, layers,
                                 None if fm.head_zn is None else f32(fm.head_zn), rest, fm.h1,
                                 precision, self.options.isa, fm.eps)
@@ -125,19 +145,26 @@ class CppBackend(Scorer):
         fm = self.folded
         N = int(item_ids.shape[0])
         out = torch.empty(N, dtype=torch.float32)
+        arr = _as_buffer
         if fm.tables:
             ids = item_ids.contiguous()
-            z0, q0, hz0 = fm.z0, fm.q0, fm.hz0
+            if self._tables is None:  # the folded tables never change: converted once
+                self._tables = tuple(None if t is None else arr(t)
+                                     for t in (fm.z0, fm.q0, fm.hz0))
+            tables = self._tables
         else:  # no per-item tables (huge catalogue): this request's rows, computed in torch
-            z0, q0, hz0 = (t.contiguous() if t is not None else None
-                           for t in item_rows(fm, item_ids))
+            tables = tuple(None if t is None else arr(t) for t in item_rows(fm, item_ids))
             ids = torch.arange(N, dtype=torch.int64)
-        arr = _as_buffer
-        users_arg = [(arr(c.k), arr(c.v), arr(c.head_user)) for c, _ in users]
+        users_arg = [_cache_buffers(c) for c, _ in users]
         counts = np.fromiter((n for _, n in users), dtype=np.int64, count=len(users))
-        self._tower.score(arr(ids), (arr(z0), None if q0 is None else arr(q0), arr(hz0)),
-                          users_arg, counts, out.numpy(), self.options.pool_threads(),
-                          self.options.tile)
+        try:
+            self._tower.score(arr(ids), tables, users_arg, counts, out.numpy(),
+                              self.options.pool_threads(), self.options.tile)
+        except ValueError as e:
+            m = _NON_FINITE.match(str(e))
+            if m is None:
+                raise
+            raise CacheError(f"UserCache.{m.group(1)} holds NaN or inf") from None
         return out if fm.dtype == torch.float32 else out.to(fm.dtype)
 
     def score_one(self, cache: UserCache, item_ids: torch.Tensor) -> torch.Tensor:
