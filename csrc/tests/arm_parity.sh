@@ -9,12 +9,24 @@
 #   bash csrc/tests/arm_parity.sh            the aarch64 check under qemu
 #   bash csrc/tests/arm_parity.sh --native   the same driver built for this machine (x86: AVX2,
 #                                            AVX-512, AMX against generic, whichever the CPU has)
+#   bash csrc/tests/arm_parity.sh --sanitize the native driver built with AddressSanitizer and
+#                                            UndefinedBehaviorSanitizer: any out-of-bounds read or
+#                                            write, use after free or undefined behaviour fails
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 srcs=(csrc/tests/parity_driver.cpp csrc/model.cpp csrc/cpu_features.cpp csrc/threadpool.cpp
       csrc/tower_generic.cpp csrc/tower_avx2.cpp csrc/tower_avx512.cpp csrc/tower_neon.cpp)
 native=0
+opt=(-O2)
+san=()
 [[ "${1:-}" == "--native" ]] && native=1
+if [[ "${1:-}" == "--sanitize" ]]; then
+  native=1
+  opt=(-O1 -g -fno-omit-frame-pointer)
+  san=(-fsanitize=address,undefined -fno-sanitize-recover=all)
+  export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
+  export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+fi
 [[ $(uname -m) == aarch64 ]] && native=1  # on an Arm machine the NEON path runs as it is
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -40,7 +52,8 @@ fi
 # one object per source, compiled in parallel
 pids=()
 for s in "${srcs[@]}"; do
-  "$cxx" -O2 -std=c++17 -fno-math-errno -Icsrc -c "$s" -o "$work/$(basename "$s" .cpp).o" &
+  "$cxx" "${opt[@]}" "${san[@]}" -std=c++17 -fno-math-errno -Icsrc -c "$s" \
+    -o "$work/$(basename "$s" .cpp).o" &
   pids+=($!)
 done
 py=$(command -v python || command -v python3 || true)
@@ -55,9 +68,9 @@ for p in "${pids[@]}"; do wait "$p"; done
 objs=("$work"/*.o)
 
 if ((native)); then
-  "$cxx" -pthread "${objs[@]}" -o "$work/parity"
-  "$work/parity" >"$work/log" || { cat "$work/log"; exit 1; }
-  echo "native ($(uname -m)): $(tail -n 1 "$work/log")"
+  "$cxx" "${san[@]}" -pthread "${objs[@]}" -o "$work/parity"
+  "$work/parity" >"$work/log" 2>&1 || { cat "$work/log"; exit 1; }
+  echo "native ($(uname -m))${san:+, ASan + UBSan}: $(tail -n 1 "$work/log")"
   exit 0
 fi
 
