@@ -284,3 +284,27 @@ def test_sparse_and_meta_tensors_are_refused(bundle, tiny, make):
 def test_load_of_nothing_is_an_input_error():
     with pytest.raises(InputError):
         Engine.load(None)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+def test_an_instruction_set_this_cpu_lacks_is_a_typed_error(bundle, monkeypatch):
+    from srp4ctr.kernels import BackendUnavailableError
+
+    feats = _ext.extension().cpu_features()
+    missing = [isa for isa, have in (("avx512", feats.get("avx512")), ("amx", feats.get("amx_bf16")),
+                                     ("neon", feats.get("neon")), ("avx2", feats.get("avx2")))
+               if not have]
+    assert missing
+    for isa in missing:
+        with pytest.raises(BackendUnavailableError, match=f"isa={isa!r}"):
+            Engine.load(bundle, backend="cpp", isa=isa)
+        monkeypatch.setenv("SRP4CTR_CPP_ISA", isa)
+        with pytest.raises(BackendUnavailableError, match=f"isa={isa!r}"):
+            Engine.load(bundle, backend="cpp")
+        monkeypatch.delenv("SRP4CTR_CPP_ISA")
+    for name, value in (("SRP4CTR_CPP_TILE", "abc"), ("SRP4CTR_CPP_TILE", "0"),
+                        ("SRP4CTR_THREADS", "-2"), ("SRP4CTR_CPP_ISA", "sse9")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(InputError, match=name):
+            Engine.load(bundle, backend="cpp")
+        monkeypatch.delenv(name)

@@ -19,8 +19,8 @@ ubsan=$(${CXX:-g++} -print-file-name=libubsan.so)
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:handle_segv=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 (cd "$work" && LD_PRELOAD="$asan $ubsan" PYTHONPATH="$work" SRP4CTR_REQUIRE_CPP=1 \
-  python -m pytest -q -p no:cacheprovider tests/test_cpp_boundary.py tests/test_cpp.py \
-  tests/test_reliability.py -k "not fork" 2>&1 | tail -n 3) | tee "$work/pytest.log"
+  python -m pytest -q -p no:cacheprovider tests/test_cpp_boundary.py tests/test_cpp.py 2>&1 |
+  tail -n 3) | tee "$work/pytest.log"
 grep -qE "[0-9]+ passed" "$work/pytest.log" && ! grep -qE "failed|error" "$work/pytest.log" ||
   { echo "sanitize: the tests failed under ASan/UBSan" >&2; exit 1; }
 python -c "import sys; sys.path.insert(0, '$work'); import srp4ctr; assert srp4ctr.__file__.startswith('$work'), srp4ctr.__file__" ||

@@ -19,6 +19,7 @@ the model, through Python.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping
 
@@ -34,6 +35,18 @@ from ._base import BackendOptions, Scorer, UserSide, UserTensors, intra_op_threa
 from .torch import item_rows
 
 __all__ = ["CppBackend", "CppUserSide"]
+
+
+@contextlib.contextmanager
+def _isa_errors(isa: str):
+    """The extension refusing an instruction set this CPU lacks (``RuntimeError``) or a
+    precision it cannot run it in (``ValueError``): a :class:`BackendUnavailableError`."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as e:
+        if "isa=" not in str(e):
+            raise
+        raise BackendUnavailableError(f"backend='cpp', isa={isa!r}: {e}") from None
 
 
 #: the extension's message for a cache holding NaN / inf
@@ -116,9 +129,10 @@ class CppBackend(Scorer):
         rest = [(f32(w), f32(b)) for w, b in fm.rest]
         precision = "bf16" if fm.dtype == torch.bfloat16 else "fp32"
         self._tables: tuple | None = None
-        self._tower = ext.Tower(fm.d_model, fm.n_heads, layers,
-                                None if fm.head_zn is None else f32(fm.head_zn), rest, fm.h1,
-                                precision, self.options.isa, fm.eps)
+        with _isa_errors(self.options.isa):
+            self._tower = ext.Tower(fm.d_model, fm.n_heads, layers,
+                                    None if fm.head_zn is None else f32(fm.head_zn), rest,
+                                    fm.h1, precision, self.options.isa, fm.eps)
 
     @classmethod
     def hardware_reason(cls, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -249,9 +263,10 @@ class CppUserSide(UserSide):
             raise BackendUnavailableError(
                 f"user_side='cpp' needs one LayerNorm epsilon for the whole user side, the model "
                 f"has {sorted(eps)}")
-        self._enc = ext.UserEncoder(cfg.d_model, cfg.n_heads, layers, final_ln, blocks, q_ln,
-                                    head_user, n_queries, int(w1.weight.shape[0]),
-                                    self.options.isa, eps.pop())
+        with _isa_errors(self.options.isa):
+            self._enc = ext.UserEncoder(cfg.d_model, cfg.n_heads, layers, final_ln, blocks,
+                                        q_ln, head_user, n_queries, int(w1.weight.shape[0]),
+                                        self.options.isa, eps.pop())
         self.n_queries = n_queries
         self.isa = self._enc.isa
 

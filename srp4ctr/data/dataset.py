@@ -66,9 +66,10 @@ def split_index(split: str | int) -> int:
     raise InputError(f"split must be one of {SPLIT_NAMES} (or 0, 1, 2), got {split!r}")
 
 
-def _int_keys(flat: np.ndarray, what: str) -> np.ndarray:
+def _int_keys(flat: np.ndarray, what: str, negative: bool = False) -> np.ndarray:
     """Raw integer ids as int64 keys; :class:`InputError` for booleans, non-numbers, fractions,
-    NaN, negatives and values outside int64 (which would wrap onto other ids)."""
+    NaN, values outside int64 (which would wrap onto other ids) and, unless ``negative``,
+    negatives."""
     kind = flat.dtype.kind
     if kind == "b" or kind not in "iuf":
         raise InputError(f"{what} ids must be integers, got dtype {flat.dtype}")
@@ -81,7 +82,7 @@ def _int_keys(flat: np.ndarray, what: str) -> np.ndarray:
     elif kind == "u" and np.any(flat > np.iinfo(np.int64).max):
         raise InputError(f"{what} ids out of the int64 range, e.g. "
                          f"{flat[flat > np.iinfo(np.int64).max][:3].tolist()}")
-    if np.any(flat < 0):
+    if not negative and np.any(flat < 0):
         raise InputError(f"{what} ids must be non-negative, got {flat[flat < 0][:5].tolist()}")
     return flat.astype(np.int64)
 
@@ -283,7 +284,7 @@ class PreparedDataset:
         if flat.size == 0:
             return np.zeros(arr.shape, dtype=np.int64)
         if self.user_raw.dtype.kind in "iu":
-            keys = _int_keys(flat, "user")
+            keys = _int_keys(flat, "user", negative=True)  # raw user ids may be negative
         else:
             keys = flat.astype(str)
         idx = np.searchsorted(known, keys)
