@@ -25,6 +25,7 @@ from train_fixtures import TINY, model_probs, prepare_tiny, raw_history, spread_
 from srp4ctr import SRP4CTRError, _ext
 from srp4ctr.engine import Engine, UserCache
 from srp4ctr.models import load_model
+from srp4ctr.serving.inputs import as_history_dict
 
 torch.set_num_threads(1)
 BACKENDS = ["torch"] + (["cpp"] if _ext.extension() is not None else [])
@@ -46,37 +47,51 @@ def world(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- strategies
-def _values(valid):
-    """Mostly valid values, sometimes anything a caller might pass by mistake."""
-    junk = st.one_of(st.none(), st.booleans(), st.integers(-3, 2**64), st.text(max_size=3),
-                     st.floats(allow_nan=True, allow_infinity=True),
-                     st.lists(st.integers(0, 5), max_size=2))
-    return st.one_of(valid, valid, valid, junk)
+_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 2**64), st.text(max_size=3),
+                  st.floats(allow_nan=True, allow_infinity=True),
+                  st.lists(st.integers(0, 5), max_size=2))
 
 
 @st.composite
 def histories(draw, ds):
+    """A valid raw history, and half of the time one corruption of it."""
     n = draw(st.integers(0, 24))
     items = st.sampled_from([int(x) for x in ds.item_raw[1:]]) | st.integers(0, 10**7)
     ratings = st.sampled_from([int(v) for v in ds.value_vocab])
-    times = st.integers(0, 2**40)
-    h: dict = {}
-    for key, strat in (("item_id", items), ("rating", ratings), ("timestamp", times)):
-        if draw(st.integers(0, 40)) == 0:
-            continue  # a key missing
-        m = n if draw(st.integers(0, 25)) else draw(st.integers(0, 26))  # lengths differ
-        h[key] = draw(st.lists(_values(strat), min_size=m, max_size=m))
-        if draw(st.integers(0, 10)) == 0:
-            h[key] = np.asarray(h[key], dtype=object) if draw(st.booleans()) else tuple(h[key])
+    h: dict = {"item_id": draw(st.lists(items, min_size=n, max_size=n)),
+               "rating": draw(st.lists(ratings, min_size=n, max_size=n)),
+               "timestamp": draw(st.lists(st.integers(0, 2**40), min_size=n, max_size=n))}
     if draw(st.booleans()):
-        h["user_id"] = draw(_values(st.sampled_from([int(u) for u in ds.user_raw[1:]])))
+        h["user_id"] = draw(st.sampled_from([int(u) for u in ds.user_raw[1:]]) |
+                            st.integers(-5, 10**6))
+    how = draw(st.sampled_from(["none"] * 6 + ["junk", "drop", "length", "wrap", "user",
+                                               "extra"]))
+    key = draw(st.sampled_from(["item_id", "rating", "timestamp"]))
+    if how == "junk" and n:
+        h[key][draw(st.integers(0, n - 1))] = draw(_JUNK)
+    elif how == "drop":
+        del h[key]
+    elif how == "length":
+        h[key] = h[key] + [h[key][0] if n else 1]
+    elif how == "wrap":
+        h[key] = draw(st.sampled_from([lambda v: tuple(v), lambda v: np.asarray(v),
+                                       lambda v: np.asarray(v, dtype=object),
+                                       lambda v: np.asarray(v, dtype=np.float64),
+                                       lambda v: torch.tensor(v, dtype=torch.float64),
+                                       lambda v: [v], lambda v: ",".join(map(str, v))]))(h[key])
+    elif how == "user":
+        h["user_id"] = draw(_JUNK)
+    elif how == "extra":
+        h[draw(st.text(min_size=1, max_size=6))] = draw(_JUNK)
     return h
 
 
 @st.composite
 def candidate_lists(draw, ds):
     known = [int(x) for x in ds.item_raw[1:]]
-    ids = draw(st.lists(_values(st.sampled_from(known) | st.integers(0, 10**7)), max_size=40))
+    ids = draw(st.lists(st.sampled_from(known) | st.integers(0, 10**7), max_size=40))
+    if ids and draw(st.integers(0, 3)) == 0:  # one value a caller might pass by mistake
+        ids[draw(st.integers(0, len(ids) - 1))] = draw(_JUNK)
     wrap = draw(st.sampled_from(["list", "list", "tuple", "int64", "float64", "uint64", "tensor",
                                  "object", "nested", "dict", "set", "str"]))
     if wrap in ("int64", "float64", "uint64"):
@@ -120,6 +135,8 @@ def test_histories_score_as_the_training_forward_or_are_refused(world, backend):
             seen["refused"] += 1
             return
         seen["scored"] += 1
+        # the pipeline on the same mapping (None as user_id meaning "no user", as documented)
+        h = as_history_dict(h)
         assert _reference_ok(ds, h), f"the engine took a history the pipeline refuses: {h}"
         want = model_probs(model, ds, h, cands)
         assert torch.isfinite(probs).all()
