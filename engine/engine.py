@@ -388,6 +388,31 @@ class Engine:
             )
         checked = [self.check_cache(c) for c in caches]
         ids = [self.encode_items(c, strict) for c in candidate_lists]
+        return self._score_many_ids(checked, ids, logits)
+
+    def score_many_ids(self, caches: Sequence[UserCache], item_ids: Sequence[torch.Tensor], *,
+                       logits: bool = False) -> list[torch.Tensor]:
+        """:meth:`score_many` for candidates already encoded by :meth:`encode_items` (internal
+        ids, int64 1-D tensors on the engine's device): a caller that checked a request's ids
+        once (a server) does not pay for encoding them again. Ids outside ``0..n_items + 1``
+        raise :class:`~srp4ctr.errors.InputError`."""
+        if isinstance(caches, UserCache) or not isinstance(caches, Sequence):
+            raise InputError("score_many_ids takes a sequence of caches")
+        if not isinstance(item_ids, Sequence) or len(item_ids) != len(caches):
+            raise InputError("item_ids must be a sequence of id tensors, one per cache")
+        top = self.n_items + 1
+        for t in item_ids:
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 1 \
+                    or t.device != self.device:
+                raise InputError("item_ids must be 1-D int64 tensors on the engine's device "
+                                 "(as encode_items returns them)")
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) > top):
+                raise InputError(f"internal item ids must lie in 0..{top}")
+        return self._score_many_ids([self.check_cache(c) for c in caches], list(item_ids),
+                                    logits)
+
+    def _score_many_ids(self, checked: list[UserCache], ids: list[torch.Tensor],
+                        logits: bool) -> list[torch.Tensor]:
         results: list[torch.Tensor | None] = [None] * len(checked)
         group: list[int] = []
         budget = self.chunk_candidates(0)

@@ -355,6 +355,16 @@ def test_score_many_equals_score(engine, caches):
     for c, cands, got in zip(caches, lists, many):
         assert close(got, engine.score(c, cands), ROUNDING)
     assert engine.score_many([], []) == []
+    # already-encoded candidates (a server's path): the same results, and bad ids refused
+    by_ids = engine.score_many_ids(caches, [engine.encode_items(x) for x in lists])
+    assert all(torch.equal(a, b) for a, b in zip(many, by_ids))
+    top = engine.n_items + 1
+    for bad in ([torch.tensor([top + 1])], [torch.tensor([-1])], [torch.tensor([1], dtype=torch.int32)],
+                [[1, 2]], [torch.tensor([[1]])]):
+        with pytest.raises(InputError):
+            engine.score_many_ids(caches[:1], bad)
+    with pytest.raises(InputError):
+        engine.score_many_ids(caches[:2], [engine.encode_items([1])])
 
 
 def test_score_many_chunks_users_and_long_lists(tiny, engine, caches):

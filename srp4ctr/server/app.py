@@ -226,10 +226,11 @@ class ScoringService:
         in one call (each distinct history once), score every candidate in one call."""
         e, m = self.engine, self.metrics
         keyed: list[tuple[_Job, str, dict]] = []
+        ids: dict[int, Any] = {}  # each request's candidates, encoded once
         for job in batch:
             try:
                 arrays = e.history_arrays(job.history, job.user_id)
-                e.encode_items(job.candidates, job.strict)  # every id error before any work
+                ids[id(job)] = e.encode_items(job.candidates, job.strict)  # errors before work
             except InputError as err:
                 job.error = err
                 continue
@@ -260,8 +261,7 @@ class ScoringService:
         if not keyed:
             return
         jobs = [j for j, _, _ in keyed]
-        probs = e.score_many([caches[k] for _, k, _ in keyed], [j.candidates for j in jobs],
-                             False)
+        probs = e.score_many_ids([caches[k] for _, k, _ in keyed], [ids[id(j)] for j in jobs])
         m.batch_requests.observe(len(jobs))
         m.batch_candidates.observe(sum(len(j.candidates) for j in jobs))
         for job, p in zip(jobs, probs):
