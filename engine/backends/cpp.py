@@ -38,7 +38,7 @@ __all__ = ["CppBackend", "CppUserSide"]
 
 
 @contextlib.contextmanager
-def _isa_errors(isa: str):
+def _isa_errors():
     """The extension refusing an instruction set this CPU lacks (``RuntimeError``) or a
     precision it cannot run it in (``ValueError``): a :class:`BackendUnavailableError`."""
     try:
@@ -46,7 +46,7 @@ def _isa_errors(isa: str):
     except (RuntimeError, ValueError) as e:
         if "isa=" not in str(e):
             raise
-        raise BackendUnavailableError(f"backend='cpp', isa={isa!r}: {e}") from None
+        raise BackendUnavailableError(f"backend='cpp': {e}") from None
 
 
 #: the extension's message for a cache holding NaN / inf
@@ -129,7 +129,7 @@ class CppBackend(Scorer):
         rest = [(f32(w), f32(b)) for w, b in fm.rest]
         precision = "bf16" if fm.dtype == torch.bfloat16 else "fp32"
         self._tables: tuple | None = None
-        with _isa_errors(self.options.isa):
+        with _isa_errors():
             self._tower = ext.Tower(fm.d_model, fm.n_heads, layers,
                                     None if fm.head_zn is None else f32(fm.head_zn), rest,
                                     fm.h1, precision, self.options.isa, fm.eps)
@@ -263,7 +263,7 @@ class CppUserSide(UserSide):
             raise BackendUnavailableError(
                 f"user_side='cpp' needs one LayerNorm epsilon for the whole user side, the model "
                 f"has {sorted(eps)}")
-        with _isa_errors(self.options.isa):
+        with _isa_errors():
             self._enc = ext.UserEncoder(cfg.d_model, cfg.n_heads, layers, final_ln, blocks,
                                         q_ln, head_user, n_queries, int(w1.weight.shape[0]),
                                         self.options.isa, eps.pop())
