@@ -259,9 +259,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(res, indent=2))
     else:
         label = {"valid": "validation", "test": "test"}[args.split]
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float))
+        from srp4ctr.train.loop import metrics_text
+
         n = f" ({res['n']} samples)" if "n" in res else ""
-        print(f"{res['kind']} {args.run} on {ds.name!r}, {label} split{n}: {shown}")
+        print(f"{res['kind']} {args.run} on {ds.name!r}, {label} split{n}: {metrics_text(res)}")
     return 0
 
 

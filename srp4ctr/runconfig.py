@@ -119,11 +119,16 @@ def _coerce_floats(cfg: dict[str, dict[str, Any]]) -> None:
                          ("finetune", TrainConfig), ("pretrain", TrainConfig)):
         floats = {f.name for f in dataclasses.fields(cls) if isinstance(f.default, float)}
         for k, v in cfg[section].items():
-            if k in floats and isinstance(v, str):
-                try:
-                    cfg[section][k] = float(v)
-                except ValueError:
-                    pass  # the dataclass names the bad value
+            if k in floats and isinstance(v, str) and _is_number(v):
+                cfg[section][k] = float(v)  # anything else: the dataclass names the bad value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _check(path: Path, cfg: dict[str, dict[str, Any]]) -> None:

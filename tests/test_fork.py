@@ -78,9 +78,9 @@ _PROBE = textwrap.dedent('''
 
 
 def test_forked_children_score_like_the_parent(tmp_path):
-    from srp4ctr import _ext
+    from train_fixtures import cpu_backends
 
-    backends = ["torch"] + (["cpp"] if _ext.extension() is not None else [])
+    backends = cpu_backends()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     proc = subprocess.run([sys.executable, "-c", _PROBE, str(tmp_path), tests_dir,

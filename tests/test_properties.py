@@ -20,15 +20,15 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from train_fixtures import TINY, model_probs, prepare_tiny, raw_history, spread_bundle
+from train_fixtures import TINY, cpu_backends, model_probs, prepare_tiny, raw_history, spread_bundle
 
-from srp4ctr import SRP4CTRError, _ext
+from srp4ctr import SRP4CTRError
 from srp4ctr.engine import Engine, UserCache
 from srp4ctr.models import load_model
 from srp4ctr.serving.inputs import as_history_dict
 
 torch.set_num_threads(1)
-BACKENDS = ["torch"] + (["cpp"] if _ext.extension() is not None else [])
+BACKENDS = cpu_backends()
 EXAMPLES = 200
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,

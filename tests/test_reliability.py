@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from train_fixtures import TINY, prepare_tiny, raw_history, spread_bundle
+from train_fixtures import TINY, cpu_backends, prepare_tiny, raw_history, spread_bundle
 
 from srp4ctr import _ext
 from srp4ctr.engine import Engine, UserCache, UserCacheStore
@@ -22,7 +22,7 @@ from srp4ctr.models import load_model
 
 torch.set_num_threads(1)
 
-BACKENDS = ["torch"] + (["cpp"] if _ext.extension() is not None else [])
+BACKENDS = cpu_backends()
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +286,7 @@ def test_load_of_nothing_is_an_input_error():
         Engine.load(None)
 
 
-@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.cpp
 def test_an_instruction_set_this_cpu_lacks_is_a_typed_error(bundle, monkeypatch):
     from srp4ctr.kernels import BackendUnavailableError
 

@@ -11,6 +11,18 @@ import torch
 
 from srp4ctr import data
 
+def cpu_backends() -> list[str]:
+    """The CPU backends a test runs on: torch, and cpp where the extension is built or required
+    (``SRP4CTR_REQUIRE_CPP=1``: a missing extension then fails those tests instead of dropping
+    them)."""
+    import os
+
+    from srp4ctr import _ext
+
+    required = os.environ.get("SRP4CTR_REQUIRE_CPP", "0") not in ("", "0")
+    return ["torch"] + (["cpp"] if required or _ext.extension() is not None else [])
+
+
 # A small SRP4CTR for the engine tests (max_len 16).
 TINY = {"d_model": 16, "n_layers": 2, "n_heads": 2, "max_len": 16, "n_queries": 2,
         "head_hidden": (16, 8)}

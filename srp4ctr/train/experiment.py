@@ -117,10 +117,10 @@ def run_experiment(
         section = "pretrain" if task.kind == "pretrain" else "details"
         results[section].setdefault(task.name, {})[str(task.seed)] = _slim(r)
         _save(results_path, results)
-        metric = r.get("test", {})
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in metric.items() if k != "n")
+        from srp4ctr.train.loop import metrics_text
+
         log.info(f"experiment: done {task.kind} {task.name} seed {task.seed} "
-                 f"({r.get('train_seconds', 0):.0f} s): test {shown}")
+                 f"({r.get('train_seconds', 0):.0f} s): test {metrics_text(r.get('test', {}))}")
 
     _run_tasks(tasks, ds, jobs, threads, record)
     # one value per seed, in seed order

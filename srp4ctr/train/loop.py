@@ -63,7 +63,8 @@ def _progress(iterable, *, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
 
 
-def _metrics_text(metrics: dict, keys=None) -> str:
+def metrics_text(metrics: dict, keys=None) -> str:
+    """``auc 0.8132  gauc 0.6932  logloss 0.5292``: the float metrics of ``metrics``."""
     keys = [k for k in (keys or metrics) if isinstance(metrics.get(k), float)]
     return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys)
 
@@ -74,7 +75,7 @@ def _epoch_line(desc: str, rec: dict, epochs: int, best: bool) -> str:
     val = {k: v for k, v in rec.items() if k not in _TRAIN_KEYS}
     return (f"{desc} epoch {rec['epoch']}/{epochs}: train loss {rec['train_loss']:.4f} "
             f"({rec['train_samples_per_s']:.0f} samples/s, {rec['train_seconds']:.1f} s) | "
-            f"validation {_metrics_text(val)}" + ("  (best so far)" if best else ""))
+            f"validation {metrics_text(val)}" + ("  (best so far)" if best else ""))
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
@@ -446,7 +447,7 @@ def _save_run(out_dir, model, kind, spec, mcfg, cfg, ds, result, curve_keys) -> 
 
     out = Path(out_dir)
     role = model_entry(kind).role
-    log.info(f"{kind}: best epoch {result['best_epoch']}; test {_metrics_text(result['test'])}")
+    log.info(f"{kind}: best epoch {result['best_epoch']}; test {metrics_text(result['test'])}")
     run_cfg = _run_config(ds, mcfg, cfg, "pretrain" if role == "pretrain" else "finetune")
 
     def extra(tmp: Path) -> None:
