@@ -283,7 +283,7 @@ def raw_history(ds, user: int, end: int | None = None) -> dict:
         rows = slice(rows.start, end)
     return {
         "item_id": ds.item_raw[ds.item[rows]],
-        "rating": np.asarray(ds.value_vocab)[ds.behaviour["rating"][rows] - 1],
+        "rating": np.asarray(ds.value_vocab)[ds.behaviour["rating"][rows].astype(np.int64) - 1],
         "timestamp": ds.timestamp[rows],
         "user_id": int(ds.user_raw[user]),
     }

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from data_fixtures import (
     random_ratings,
     random_taobao,
@@ -54,7 +55,7 @@ def check_contract(ds: data.PreparedDataset) -> None:
         assert (t.ndim == 2) == (f in ds.multi_fields)
     for f in ds.behaviour_fields:
         b = ds.behaviour[f]
-        assert b.dtype == np.int64 and b.shape == (N,)
+        assert b.dtype.kind == "u" and b.dtype.itemsize <= 2 and b.shape == (N,)
         assert b.min() >= 1 and b.max() < ds.vocab[f]
     for f, t in ds.user_table.items():
         assert t.shape == (nu + 1,) and t[0] == 0 and t.max() < ds.vocab[f]
@@ -292,7 +293,7 @@ def test_cache_reuse_force_and_source_change(tmp_path):
     a = data.prepare("ml-1m", **kw)
     assert not a.from_cache and a.path.parent == tmp_path / "c"
     assert a.path.name.startswith("ml-1m-")
-    arrays = a.path / "arrays.npz"
+    arrays = a.path / "arrays" / "item.npy"
     m0 = arrays.stat().st_mtime_ns
     b = data.prepare("ml-1m", **kw)
     assert b.from_cache and arrays.stat().st_mtime_ns == m0
@@ -306,10 +307,74 @@ def test_cache_reuse_force_and_source_change(tmp_path):
     d = data.prepare("ml-1m", **kw)
     assert not d.from_cache and d.n_interactions == a.n_interactions + 1
     # a corrupted cache is rebuilt, not trusted
-    (d.path / "arrays.npz").write_bytes(b"garbage")
+    (d.path / "arrays" / "item.npy").write_bytes(b"garbage")
     e = data.prepare("ml-1m", **kw)
     assert not e.from_cache and e.fingerprint == d.fingerprint
     assert [p.name for p in (tmp_path / "c").iterdir()] == [d.path.name]
+
+
+def test_prepared_arrays_are_memory_mapped_and_equal_the_built_ones(tmp_path):
+    """The cache is one .npy per array, opened read-only with mmap_mode="r"; the mapped
+    dataset equals the one built in memory array by array (values, dtypes, fingerprint) and
+    gives the same training batches."""
+    from srp4ctr.data import loaders as L
+    from srp4ctr.data.pipeline import build
+    from srp4ctr.data.samples import CTRDataset, PretrainDataset
+
+    folder = write_ml_dat(tmp_path / "ml", random_ratings(n_users=9, seed=11))
+    ds = data.prepare("ml-1m", path=folder, data_dir=tmp_path / "c", progress=False)
+    built = build(L.load_movielens_dat(folder, "ml-1m"), "ml-1m", source=ds.meta["source"])
+    assert built.compute_fingerprint() == ds.fingerprint
+    mapped = data.load_prepared(ds.path)
+
+    def mapped_file(a: np.ndarray) -> bool:
+        while a is not None and not isinstance(a, np.memmap):
+            a = a.base if isinstance(a.base, np.ndarray) else None
+        return a is not None
+
+    for a in (mapped.user, mapped.item, mapped.timestamp, mapped.label, mapped.split,
+              *mapped.behaviour.values()):
+        assert mapped_file(a) and not a.flags.writeable
+    assert mapped.behaviour["gap"].dtype == np.uint8  # tokens stored compact, not int64
+    whole = data.load_prepared(ds.path, mmap=False)
+    assert not mapped_file(whole.item)
+    for other in (mapped, whole, ds):
+        assert other.compute_fingerprint() == built.fingerprint
+        for k, v in built.arrays().items():
+            w = other.arrays()[k]
+            assert np.array_equal(w, v), k
+            if not k.startswith("behaviour__"):
+                assert w.dtype == v.dtype, k
+    for make in (lambda d: CTRDataset(d, "valid", max_len=5),
+                 lambda d: PretrainDataset(d, max_len=5)):
+        a, b = make(built), make(mapped)
+        idx = np.arange(len(a))
+        ba, bb = a.batch(idx), b.batch(idx)
+        assert ba.keys() == bb.keys()
+        for k in ba:
+            assert ba[k].dtype == bb[k].dtype and torch.equal(ba[k], bb[k]), k
+        assert all(np.array_equal(np.asarray(a[i][k]), np.asarray(b[i][k]))
+                   for i in (0, len(a) - 1) for k in a[i])
+
+
+def test_older_npz_caches_are_still_read(tmp_path):
+    folder = write_ml_dat(tmp_path / "ml", random_ratings(n_users=5, seed=12))
+    ds = data.prepare("ml-1m", path=folder, data_dir=tmp_path / "c", progress=False)
+    old = tmp_path / "old"
+    old.mkdir()
+    arrays = {k: np.asarray(v) for k, v in ds.arrays().items()}
+    np.savez(old / "arrays.npz", **arrays)
+    meta = dict(ds.meta, fingerprint=ds.fingerprint)
+    meta.pop("storage", None)
+    (old / "meta.json").write_text(json.dumps(meta))
+    again = data.load_prepared(old)
+    assert again.compute_fingerprint() == ds.fingerprint
+    assert np.array_equal(again.item, ds.item)
+    # a truncated .npy file is a DataError naming it, not a numpy traceback
+    (ds.path / "arrays" / "timestamp.npy").write_bytes(
+        (ds.path / "arrays" / "timestamp.npy").read_bytes()[:100])
+    with pytest.raises(DataError, match="timestamp"):
+        data.load_prepared(ds.path)
 
 
 def test_load_prepared_and_env_data_dir(tmp_path, monkeypatch):

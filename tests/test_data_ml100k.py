@@ -111,7 +111,7 @@ def test_ml100k_real(ml100k_data_dir, monkeypatch):
     assert same.sum() > 40_000
     assert np.all(ds.item_raw[ds.item[1:]][same] > ds.item_raw[ds.item[:-1]][same])
     # the second call reuses the cache
-    arrays = ds.path / "arrays.npz"
+    arrays = ds.path / "arrays" / "item.npy"
     mtime = arrays.stat().st_mtime_ns
     again = data.prepare("ml-100k", data_dir=ml100k_data_dir, progress=False)
     assert again.from_cache and arrays.stat().st_mtime_ns == mtime

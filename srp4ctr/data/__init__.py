@@ -28,7 +28,8 @@ file order -- and grouped by user. Token id 0 is padding everywhere.
 - ``timestamp: int64[N]`` unix seconds; ``label: int8[N]``; ``split: int8[N]`` (0 train,
   1 valid, 2 test).
 - ``user_offsets: int64[n_users + 1]``: user u's rows are ``user_offsets[u-1]:user_offsets[u]``.
-- ``behaviour: dict[str, int64[N]]`` behaviour-field tokens; ``behaviour_fields`` lists them:
+- ``behaviour: dict[str, uint8[N] | uint16[N]]`` behaviour-field tokens (the smallest unsigned
+  type that holds the field's vocabulary; cast before arithmetic); ``behaviour_fields`` lists them:
   ``"rating"`` (MovieLens; each distinct rating value -> 1..K in sorted order, half stars
   included) or ``"behavior"`` (Taobao pv/cart/fav/buy -> 1..4; generic if mapped), then
   ``"gap"`` (1 = first interaction of the user, 2 = same second as the previous one,
@@ -59,8 +60,10 @@ file order -- and grouped by user. Token id 0 is padding everywhere.
   non-integer ids always raise); ``ds.encode_user_history({"item_id", "timestamp",
   "rating"|"behavior"[, "user_id"]}, max_len=None)`` -> ``hist_item``, ``hist_<f>``, ``hist_len``
   (time-sorted as in training, behaviour fields over the whole history, last ``max_len`` kept).
-- Stored as ``arrays.npz`` (compact dtypes on disk) + ``meta.json`` in
-  ``<data_dir>/<dataset>[-<hash of path and columns>]/``.
+- Stored as ``arrays/<key>.npy`` (one file per array; per-row arrays in the dtypes above, tables
+  compact) + ``meta.json`` in ``<data_dir>/<dataset>[-<hash of path and columns>]/``, and
+  memory-mapped read-only on load (``load_prepared(dir, mmap=True)``): DDP ranks and loader
+  workers share the pages. Folders from before (one ``arrays.npz``) are still read, whole.
 
 Samples (:mod:`srp4ctr.data.samples`)
 -------------------------------------

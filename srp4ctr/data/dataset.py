@@ -27,8 +27,16 @@ SPLIT_RULE = (
     "per user, time order: positions p < floor(0.8 n) train, p < floor(0.9 n) valid, else test"
 )
 
+#: the storage: one ``<key>.npy`` per array in this folder, memory-mapped on load
+ARRAYS_DIR = "arrays"
+#: the storage before memory-mapping (one npz, read whole): still read, never written
 ARRAYS_FILE = "arrays.npz"
 META_FILE = "meta.json"
+#: the dtype each per-row array is stored and held in (behaviour tokens: the smallest unsigned
+#: integer type that holds them); the fingerprint hashes every array in its canonical dtype
+ROW_DTYPES = {"user": np.int32, "item": np.int32, "timestamp": np.int64, "label": np.int8,
+              "split": np.int8, "user_offsets": np.int64}
+_HASH_BLOCK = 1 << 22  # elements per step when hashing
 
 #: the serving tables of a dataset (no interactions): what a model bundle or an ONNX export
 #: carries so that raw histories and candidate ids can be encoded without the training data
@@ -120,7 +128,8 @@ class PreparedDataset:
         self.label = np.ascontiguousarray(label, dtype=np.int8)
         self.split = np.ascontiguousarray(split, dtype=np.int8)
         self.user_offsets = np.ascontiguousarray(user_offsets, dtype=np.int64)
-        self.behaviour = {k: np.ascontiguousarray(v, dtype=np.int64) for k, v in behaviour.items()}
+        # compact unsigned tokens stay as they are (a memory-mapped file is not copied)
+        self.behaviour = {k: _tokens(v) for k, v in behaviour.items()}
         self.item_table = {k: np.ascontiguousarray(v, dtype=np.int64) for k, v in item_table.items()}
         self.user_table = {k: np.ascontiguousarray(v, dtype=np.int64) for k, v in user_table.items()}
         self.item_raw = item_raw
@@ -384,7 +393,8 @@ class PreparedDataset:
 
     # ----------------------------------------------------------------------------- storage
     def arrays(self) -> dict[str, np.ndarray]:
-        """Every array, under its storage key, in canonical dtypes (the fingerprint's input)."""
+        """Every array under its storage key, as held (the fingerprint hashes each in its
+        canonical dtype: int64 for behaviour tokens and tables)."""
         out: dict[str, np.ndarray] = {
             "user": self.user,
             "item": self.item,
@@ -404,29 +414,69 @@ class PreparedDataset:
         return out
 
     def compute_fingerprint(self) -> str:
-        """sha256 of every array (key, dtype, shape, bytes) and the preparation config."""
+        """sha256 of every array (key, canonical dtype, shape, bytes) and the preparation
+        config. Arrays are hashed block by block, so a memory-mapped dataset is not copied."""
         h = hashlib.sha256()
         for k, a in self.arrays().items():
-            a = np.ascontiguousarray(a)
-            h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
-            h.update(memoryview(a).cast("B") if a.size else b"")
+            canon = _canonical_dtype(k, a)
+            h.update(f"{k}|{canon.str}|{a.shape}|".encode())
+            flat = a.reshape(-1) if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1)
+            for s in range(0, flat.size, _HASH_BLOCK):
+                block = np.ascontiguousarray(flat[s : s + _HASH_BLOCK], dtype=canon)
+                h.update(memoryview(block).cast("B"))
         h.update(json.dumps(self.meta.get("config", {}), sort_keys=True).encode())
         return h.hexdigest()
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write ``arrays.npz`` and ``meta.json`` into ``directory`` (which must exist)."""
+        """Write ``arrays/<key>.npy`` (one file per array, memory-mappable: per-row arrays in
+        :data:`ROW_DTYPES`, behaviour tokens and tables in their smallest unsigned dtype) and
+        ``meta.json`` into ``directory`` (which must exist)."""
         d = Path(directory)
-        arrays = {k: _compact(a) for k, a in self.arrays().items()}
-        with open(d / ARRAYS_FILE, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
+        (d / ARRAYS_DIR).mkdir(exist_ok=True)
+        for k, a in self.arrays().items():
+            if k not in ROW_DTYPES:
+                a = _compact(a)
+            with open(d / ARRAYS_DIR / f"{k}.npy", "wb") as f:
+                np.save(f, np.ascontiguousarray(a), allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
         meta = dict(self.meta)
         meta["fingerprint"] = self.fingerprint
+        meta["storage"] = ARRAYS_DIR
         with open(d / META_FILE, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1, sort_keys=False)
             f.flush()
             os.fsync(f.fileno())
+
+
+def _tokens(v: np.ndarray) -> np.ndarray:
+    """Behaviour tokens: unsigned integer arrays as they are, anything else as int64."""
+    v = np.asarray(v)
+    if v.dtype.kind == "u":
+        return np.ascontiguousarray(v)
+    return np.ascontiguousarray(v, dtype=np.int64)
+
+
+def _canonical_dtype(key: str, a: np.ndarray) -> np.dtype:
+    """The dtype ``key`` is hashed in: :data:`ROW_DTYPES`, int64 for tokens and tables, the
+    array's own for raw ids."""
+    if key in ROW_DTYPES:
+        return np.dtype(ROW_DTYPES[key])
+    if key.startswith(("behaviour__", "item_table__", "user_table__")):
+        return np.dtype(np.int64)
+    return a.dtype
+
+
+def _read_npy_dir(folder: Path, mmap: bool) -> dict[str, np.ndarray]:
+    """Every ``<key>.npy`` of ``folder`` (no pickles), memory-mapped read-only with ``mmap``;
+    :class:`DataError` naming the file if one is unreadable."""
+    out: dict[str, np.ndarray] = {}
+    for p in sorted(folder.glob("*.npy")):
+        try:
+            out[p.stem] = np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(f"unreadable {ARRAYS_DIR}/{p.name}: {e}", path=str(p)) from None
+    return out
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -532,17 +582,24 @@ def load_serving_tables(directory: str | os.PathLike,
 
 
 def load_prepared(
-    directory: str | os.PathLike, *, verify: bool = True, max_len: int | None = None
+    directory: str | os.PathLike, *, verify: bool = True, max_len: int | None = None,
+    mmap: bool = True,
 ) -> PreparedDataset:
-    """Load a prepared dataset folder (``arrays.npz`` + ``meta.json``).
+    """Load a prepared dataset folder (``arrays/*.npy`` + ``meta.json``).
 
-    Raises :class:`DataError` if the folder is missing, truncated, from another format version,
-    or (with ``verify``) its arrays do not match the stored fingerprint.
+    With ``mmap`` (the default) the per-row arrays are memory-mapped read-only: processes that
+    load the same folder (DDP ranks, data-loader workers) share its pages instead of each
+    holding a copy, and only the pages a process reads are resident. A folder written before
+    memory-mapping (``arrays.npz``) is still read, whole. Raises :class:`DataError` if the
+    folder is missing, truncated, from another format version, or (with ``verify``) its arrays
+    do not match the stored fingerprint.
     """
     d = Path(directory)
-    mpath, apath = d / META_FILE, d / ARRAYS_FILE
-    if not mpath.is_file() or not apath.is_file():
-        raise DataError("not a prepared dataset (arrays.npz / meta.json missing)", path=str(d))
+    mpath = d / META_FILE
+    npy_dir, npz = d / ARRAYS_DIR, d / ARRAYS_FILE
+    if not mpath.is_file() or not (npy_dir.is_dir() or npz.is_file()):
+        raise DataError(f"not a prepared dataset ({ARRAYS_DIR}/ or {ARRAYS_FILE}, and "
+                        f"{META_FILE}, missing)", path=str(d))
     try:
         meta = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -553,7 +610,12 @@ def load_prepared(
             f", this srp4ctr reads {FORMAT_VERSION}; prepare it again",
             path=str(d),
         )
-    arr = _read_npz(apath)
+    if meta.get("storage") == ARRAYS_DIR:
+        if not npy_dir.is_dir():
+            raise DataError(f"{ARRAYS_DIR}/ missing", path=str(d))
+        arr = _read_npy_dir(npy_dir, mmap)
+    else:
+        arr = _read_npz(npz)
 
     def pick(prefix: str) -> dict[str, np.ndarray]:
         return _prefixed(arr, prefix)
@@ -570,13 +632,15 @@ def load_prepared(
             behaviour=pick("behaviour__"),
             item_table=pick("item_table__"),
             user_table=pick("user_table__"),
-            item_raw=arr["item_raw"],
-            user_raw=arr["user_raw"],
+            item_raw=np.asarray(arr["item_raw"]),
+            user_raw=np.asarray(arr["user_raw"]),
             meta=meta,
             max_len=meta.get("max_len", 200) if max_len is None else max_len,
         )
     except KeyError as e:
         raise DataError(f"prepared dataset lacks {e}", path=str(d)) from None
+    except ValueError as e:  # a truncated or garbled .npy that np.load let through
+        raise DataError(f"prepared dataset arrays unreadable: {e}", path=str(d)) from None
     if verify and ds.compute_fingerprint() != meta.get("fingerprint"):
         raise DataError("arrays do not match the stored fingerprint (corrupted cache)", path=str(d))
     ds.path = d

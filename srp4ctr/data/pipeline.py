@@ -22,6 +22,7 @@ from srp4ctr.data.dataset import (
     FORMAT_VERSION,
     SPLIT_RULE,
     PreparedDataset,
+    _compact,
     load_prepared,
 )
 from srp4ctr.data.loaders import (
@@ -150,6 +151,7 @@ def build(
     behaviour = F.behaviour_features(
         ts, values, kind=raw.kind, vocab=raw.value_vocab, offsets=offsets, encoded=raw.values_encoded
     )
+    behaviour = {f: _compact(v) for f, v in behaviour.items()}  # tokens in uint8/uint16
     del values, order
 
     item_table: dict[str, np.ndarray] = {}
@@ -392,6 +394,12 @@ def prepare(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    ds.path = final
+    # hand back the memory-mapped copy: the built arrays are freed, what this process reads
+    # next shares its pages with every other process that loads the folder
+    fingerprint = ds.fingerprint
+    del ds
+    ds = load_prepared(final, verify=False, max_len=max_len)
+    if ds.fingerprint != fingerprint:  # pragma: no cover - written just above
+        raise DataError("the prepared folder changed while it was published", path=str(final))
     ds.from_cache = False
     return ds

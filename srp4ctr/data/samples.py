@@ -143,7 +143,7 @@ class _WindowSamples(torch.utils.data.Dataset):
         u = int(self.users[i])
         out: dict[str, Any] = {"hist_item": ds.item[s:e].astype(np.int64)}
         for f in ds.behaviour_fields:
-            out[f"hist_{f}"] = ds.behaviour[f][s:e]
+            out[f"hist_{f}"] = ds.behaviour[f][s:e].astype(np.int64)
         if self.item_features:
             for f, t in ds.item_table.items():
                 out[f"hist_{f}"] = t[ds.item[s:e]]
@@ -186,7 +186,8 @@ class _WindowSamples(torch.utils.data.Dataset):
         items = np.where(mask, ds.item[rows], 0).astype(np.int64)
         out["hist_item"] = torch.from_numpy(items)
         for f in ds.behaviour_fields:
-            out[f"hist_{f}"] = torch.from_numpy(np.where(mask, ds.behaviour[f][rows], 0))
+            out[f"hist_{f}"] = torch.from_numpy(np.where(mask, ds.behaviour[f][rows], 0)
+                                                .astype(np.int64, copy=False))
         if self.item_features:
             for f, t in ds.item_table.items():
                 out[f"hist_{f}"] = torch.from_numpy(t[items])  # row 0 of every table is 0
