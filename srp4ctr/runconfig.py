@@ -38,7 +38,8 @@ __all__ = ["DATASET_KEYS", "EXPERIMENT_KEYS", "SECTIONS", "dump_run_config", "lo
 DATASET_KEYS = ("name", "path", "columns", "data_dir")
 EXPERIMENT_KEYS = ("seeds", "models", "jobs")
 #: fields of ModelConfig that pre-training may set apart from fine-tuning
-PRETRAIN_MODEL_KEYS = ("dropout", "mask_rate")
+PRETRAIN_MODEL_KEYS = ("dropout", "mask_rate", "softmax", "sampled_softmax_above", "sampler",
+                      "n_sampled")
 
 
 def _model_keys() -> tuple[str, ...]:

@@ -18,6 +18,11 @@ learned [MASK] vector. One head per field predicts the masked value from the fin
 - a multi-valued field: sigmoid/BCE per value (the item's value set as a multi-hot target);
 - a single-valued field: softmax; positions whose target is 0 (missing) are skipped.
 
+A single-valued head over a large vocabulary (``ModelConfig.sampled``; Taobao's 4M items) is a
+sampled softmax instead (:mod:`srp4ctr.models.sampled_softmax`): the target against K negatives
+with the logQ correction, drawn by the sampler :meth:`FGBERT.attach_samplers` gave the field
+(pre-training builds them from training frequencies), else a uniform one.
+
 Each head is ``LN(GELU(Linear(h)))`` followed by a product with the field's own embedding table
 (**tied** output embeddings, as BERT4Rec) plus a per-value bias. The loss is the mean over the
 fields that have at least one masked target in the batch of each field's mean loss.
@@ -40,6 +45,7 @@ from srp4ctr.models.layers import (
     recency_positions,
     valid_mask,
 )
+from srp4ctr.models.sampled_softmax import NegativeSampler, sampled_softmax_loss
 from srp4ctr.models.spec import ModelConfig, ModelSpec
 
 __all__ = ["FGBERT", "PredictionHead"]
@@ -56,8 +62,11 @@ class PredictionHead(nn.Module):
         self.ln = layer_norm(d_model)
         self.bias = nn.Parameter(torch.zeros(vocab))
 
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        return self.ln(F.gelu(self.dense(h)))
+
     def forward(self, h: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.ln(F.gelu(self.dense(h))), table, self.bias)
+        return F.linear(self.project(h), table, self.bias)
 
 
 class FGBERT(nn.Module):
@@ -89,6 +98,46 @@ class FGBERT(nn.Module):
         )
         self.heads = nn.ModuleDict({f: PredictionHead(d, spec.vocab[f]) for f in groups})
         nn.init.normal_(self.position.weight, std=emb_init_std(d))
+        #: single-valued fields whose pre-training head is a sampled softmax
+        self.sampled_fields: list[str] = list(self.embeddings.sparse_fields)
+        self._samplers: dict[str, NegativeSampler] = {}
+
+    def attach_samplers(self, samplers: Mapping[str, NegativeSampler]) -> None:
+        """The negative samplers of the sampled fields (pre-training builds them from the
+        training split's frequencies); a sampled field without one samples uniformly."""
+        unknown = sorted(set(samplers) - set(self.sampled_fields))
+        if unknown:
+            raise InputError(f"samplers for fields without a sampled softmax: {unknown}")
+        self._samplers = dict(samplers)
+
+    def sampler(self, f: str) -> NegativeSampler:
+        if f not in self._samplers:
+            exclude = (0, self.spec.oov_item) if f == "item" else (0,)
+            self._samplers[f] = NegativeSampler(
+                "uniform", self.spec.vocab[f], self.config.n_sampled, exclude=exclude,
+                device=self.position.weight.device)
+        return self._samplers[f]
+
+    def softmax_description(self) -> dict[str, str]:
+        """How each pre-training head is computed (recorded with a pre-training run)."""
+        out = {}
+        for f in self.item_group + self.behaviour_group:
+            if f in self.sampled_fields:
+                out[f] = self.sampler(f).describe()
+            elif f in self.embeddings.multi:
+                out[f] = "sigmoid per value (multi-valued)"
+            else:
+                out[f] = "full softmax"
+        return out
+
+    def _single_loss(self, f: str, h: torch.Tensor, t: torch.Tensor,
+                     generator: torch.Generator | None, exclude: tuple[int, ...]):
+        """The loss of a single-valued head (targets 0 skipped; None if all are 0)."""
+        if f in self.sampled_fields:
+            head = self.heads[f]
+            return sampled_softmax_loss(head.project(h), self.embeddings.weight(f), head.bias,
+                                        t, self.sampler(f), generator)
+        return _ce_ignore0(_exclude(self.field_logits(f, h), exclude), t)
 
     # ------------------------------------------------------------------ input
     @property
@@ -199,7 +248,7 @@ class FGBERT(nn.Module):
                 t = targets[f]
                 if f == "item":
                     t = torch.where(t == self.spec.oov_item, torch.zeros_like(t), t)
-                    loss = _ce_ignore0(self.item_logits(h_item), t)
+                    loss = self._single_loss(f, h_item, t, generator, (0, self.spec.oov_item))
                 elif f in self.embeddings.multi:
                     logits = self.field_logits(f, h_item)[:, 1:]
                     multi_hot = torch.zeros(
@@ -207,14 +256,14 @@ class FGBERT(nn.Module):
                     ).scatter_(1, t, 1.0)[:, 1:]
                     loss = F.binary_cross_entropy_with_logits(logits, multi_hot)
                 else:
-                    loss = _ce_ignore0(_exclude(self.field_logits(f, h_item), (0,)), t)
+                    loss = self._single_loss(f, h_item, t, generator, (0,))
                 if loss is not None:
                     losses[f] = loss
         if self.behaviour_group and bool(beh_mask.any()):
             h_beh = h[beh_mask]
             for f in self.behaviour_group:
                 t = batch["hist_" + f][beh_mask]
-                loss = _ce_ignore0(_exclude(self.field_logits(f, h_beh), (0,)), t)
+                loss = self._single_loss(f, h_beh, t, generator, (0,))
                 if loss is not None:
                     losses[f] = loss
 

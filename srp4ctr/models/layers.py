@@ -101,7 +101,10 @@ class FieldEmbedding(nn.Module):
     the mean of its non-zero ids' embeddings (zeros when it has none). Id 0 is padding in every
     field and embeds to zeros (``padding_idx=0``). The OOV item row starts at zero.
 
-    With ``config.item_only`` (BERT4Rec-style) only the item id field is used.
+    With ``config.item_only`` (BERT4Rec-style) only the item id field is used. A single-valued
+    field whose pre-training head is sampled (:meth:`ModelConfig.sampled`: a vocabulary above
+    ``sampled_softmax_above``) has a sparse-gradient table (``sparse_fields``): a step's gradient
+    holds only the rows it touched.
     """
 
     def __init__(self, spec: ModelSpec, config: ModelConfig):
@@ -112,11 +115,15 @@ class FieldEmbedding(nn.Module):
         self.behaviour_group: list[str] = [] if config.item_only else list(spec.behaviour_fields)
         self.multi: set[str] = set(spec.multi_fields) & set(self.item_group)
         self.emb = nn.ModuleDict()
+        self.sparse_fields: list[str] = []
         for f in self.item_group + self.behaviour_group:
             if f in self.multi:
                 self.emb[f] = nn.EmbeddingBag(spec.vocab[f], d, mode="mean", padding_idx=0)
             else:
-                self.emb[f] = nn.Embedding(spec.vocab[f], d, padding_idx=0)
+                sparse = config.sampled(spec.vocab[f])
+                self.emb[f] = nn.Embedding(spec.vocab[f], d, padding_idx=0, sparse=sparse)
+                if sparse:
+                    self.sparse_fields.append(f)
         for f in self.item_group[1:]:
             self.register_buffer(f"table_{f}", torch.as_tensor(spec.item_table[f], dtype=torch.int64))
         self.oov_item = spec.oov_item

@@ -187,6 +187,10 @@ class ModelSpec:
             raise InputError(f"model spec dict is missing {e}") from None
 
 
+#: the values of :attr:`ModelConfig.softmax`
+SOFTMAX_MODES = ("auto", "full", "sampled")
+
+
 @dataclass
 class ModelConfig:
     """Hyperparameters of FG-BERT, SRP4CTR and the baselines (defaults: DESIGN.md §4).
@@ -198,6 +202,14 @@ class ModelConfig:
     use_qformer: the Q-Former tokens in the head; False is the "-querying transformer" ablation.
     qformer_user_offset: offset the learnable queries by an MLP of the user features.
     freeze_encoder: the pre-trained FG-BERT (its embeddings included) is not trained in fine-tuning.
+    softmax: FG-BERT's pre-training heads of single-valued fields: ``"full"`` (every value
+        scored), ``"sampled"`` (:mod:`srp4ctr.models.sampled_softmax`), or ``"auto"``: sampled
+        for a field whose vocabulary exceeds ``sampled_softmax_above``, full below. A sampled
+        field's embedding table gets sparse gradients (only the rows a step touches).
+    sampled_softmax_above: the vocabulary size above which ``"auto"`` samples.
+    sampler: ``"log_uniform"`` (Zipf over training-frequency ranks), ``"uniform"`` or
+        ``"in_batch"``; ``n_sampled``: negatives per step (not used by ``"in_batch"``).
+        Pre-training settings only: the trained weights do not depend on them structurally.
     """
 
     d_model: int = 64
@@ -215,6 +227,10 @@ class ModelConfig:
     use_qformer: bool = True
     qformer_user_offset: bool = True
     freeze_encoder: bool = False
+    softmax: str = "auto"
+    sampled_softmax_above: int = 100_000
+    sampler: str = "log_uniform"
+    n_sampled: int = 1024
 
     def __post_init__(self) -> None:
         self.head_hidden = tuple(int(h) for h in self.head_hidden)
@@ -233,6 +249,22 @@ class ModelConfig:
             raise InputError(f"mask_rate must be in (0, 1], got {self.mask_rate}")
         if not self.head_hidden or any(h < 1 for h in self.head_hidden):
             raise InputError(f"head_hidden must be positive sizes, got {self.head_hidden}")
+        if self.softmax not in SOFTMAX_MODES:
+            raise InputError(f"softmax must be one of {SOFTMAX_MODES}, got {self.softmax!r}")
+        from srp4ctr.models.sampled_softmax import SAMPLERS
+
+        if self.sampler not in SAMPLERS:
+            raise InputError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        for name in ("sampled_softmax_above", "n_sampled"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise InputError(f"ModelConfig.{name} must be a positive int, got {v!r}")
+
+    def sampled(self, vocab: int) -> bool:
+        """Whether a single-valued pre-training head over ``vocab`` values is sampled."""
+        if self.softmax == "auto":
+            return int(vocab) > self.sampled_softmax_above
+        return self.softmax == "sampled"
 
     @property
     def head_dim(self) -> int:

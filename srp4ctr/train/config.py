@@ -17,7 +17,8 @@ class TrainConfig:
 
     Early stopping watches the validation metric (NDCG@10 for pre-training, AUC for CTR) after
     every epoch; training stops after ``patience`` epochs without improvement and the best
-    epoch's weights are kept.
+    epoch's weights are kept. ``eval_max_samples``: validation and test metrics on a fixed
+    seeded subset of at most that many samples per split (all when None; for very large data).
     """
 
     epochs: int = 20
@@ -31,6 +32,7 @@ class TrainConfig:
     seed: int = 0
     max_steps_per_epoch: int | None = None
     eval_batch_size: int = 1024
+    eval_max_samples: int | None = None
     negatives: str | None = None
     device: str = "cpu"
     num_threads: int | None = None
@@ -48,6 +50,7 @@ class TrainConfig:
             positive_int(name)
         positive_int("max_steps_per_epoch", allow_none=True)
         positive_int("num_threads", allow_none=True)
+        positive_int("eval_max_samples", allow_none=True)
         if isinstance(self.patience, bool) or not isinstance(self.patience, int) or \
                 self.patience < 0:
             raise InputError(f"patience must be an integer >= 0, got {self.patience!r}")

@@ -197,11 +197,13 @@ def _set_threads(cfg: TrainConfig) -> None:
 
 @torch.no_grad()
 def predict_ctr(model: nn.Module, dataset, *, batch_size: int = 1024, device: str = "cpu",
-                world: World | None = None) -> dict[str, np.ndarray]:
-    """Click probabilities for every sample of a CTR dataset (sharded across ranks)."""
+                world: World | None = None, indices: np.ndarray | None = None
+                ) -> dict[str, np.ndarray]:
+    """Click probabilities for every sample of a CTR dataset, or the samples ``indices``
+    (sharded across ranks)."""
     world = world or World()
     model.eval()
-    idx = np.arange(len(dataset))
+    idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, np.int64)
     mine = idx[world.rank :: world.size] if world.distributed else idx
     users, labels, probs, order = [], [], [], []
     for s in range(0, len(mine), batch_size):
@@ -234,10 +236,23 @@ def ctr_metrics(pred: dict[str, np.ndarray]) -> dict[str, float]:
     }
 
 
+#: the most full-ranking logits one evaluation batch computes (128 MB in fp32)
+_LOGITS_BUDGET = 1 << 25
+
+
+def eval_indices(n: int, cfg: TrainConfig) -> np.ndarray | None:
+    """The evaluated samples of a split of ``n``: all (None), or with ``cfg.eval_max_samples`` a
+    fixed subset of that many (seeded by ``cfg.seed``, in sample order)."""
+    m = cfg.eval_max_samples
+    if m is None or m >= n:
+        return None
+    return np.sort(np.random.default_rng([cfg.seed, 7]).choice(n, size=m, replace=False))
+
+
 @torch.no_grad()
 def next_item_metrics(
     encoder: nn.Module, dataset, *, ks=(10,), batch_size: int = 512, device: str = "cpu",
-    world: World | None = None,
+    world: World | None = None, indices: np.ndarray | None = None,
 ) -> dict[str, float]:
     """HR@k and NDCG@k for next-item prediction, full ranking and sampled negatives.
 
@@ -246,10 +261,14 @@ def next_item_metrics(
     replacement) from the items its user never interacted with, with the dataset's seed — the
     same draw for every model. Full ranking scores every item (padding and out-of-vocabulary
     ids excluded by the model). Ranks are pessimistic: ties count against the target.
+    ``indices``: only those samples. A batch holds at most :data:`_LOGITS_BUDGET` logits (at 4M
+    items, a few users).
     """
     world = world or World()
     encoder.eval()
-    idx = np.arange(len(dataset))
+    vocab = int(encoder.spec.n_item_ids)
+    batch_size = max(1, min(int(batch_size), _LOGITS_BUDGET // vocab))
+    idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, np.int64)
     mine = idx[world.rank :: world.size] if world.distributed else idx
     full_ranks, sampled_ranks = [], []
     n_neg = None
@@ -293,12 +312,12 @@ def _train_epochs(
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     total = steps_per_epoch * cfg.epochs
-    from srp4ctr.train.optim import make_optimizer
+    from srp4ctr.train.optim import make_optimizer, sparse_parameters
 
     opt, sched = make_optimizer(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=total,
         warmup_steps=int(cfg.warmup_ratio * total), power=cfg.lr_power,
-        end_lr_ratio=cfg.end_lr_ratio,
+        end_lr_ratio=cfg.end_lr_ratio, sparse_params=sparse_parameters(model),
     )
     if world.is_main:
         log.info(f"{desc}: {n} training samples, up to {cfg.epochs} epochs of {steps_per_epoch} "
@@ -341,7 +360,10 @@ def _train_epochs(
             log.info(_epoch_line(desc, rec, cfg.epochs, val[monitor] > best_value))
         if val[monitor] > best_value:
             best_value, best_epoch, bad = val[monitor], epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            # the last epoch's weights are the model's own: no copy (at 4M items one is a GB)
+            best_state = ({k: v.detach() for k, v in model.state_dict().items()}
+                          if epoch == cfg.epochs else
+                          {k: v.detach().clone() for k, v in model.state_dict().items()})
         else:
             bad += 1
             if bad >= cfg.patience:
@@ -391,6 +413,7 @@ def pretrain(
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     spec = ModelSpec.from_dataset(ds)
     model = entry.build(spec, mcfg).to(cfg.device)
+    model.attach_samplers(_samplers(model, ds, cfg.device))
     train_set = PretrainDataset(ds, max_len=mcfg.max_len, windows=windows)
     valid_set = NextItemDataset(ds, split="valid", max_len=mcfg.max_len, n_negatives=100,
                                 seed=cfg.seed)
@@ -404,7 +427,8 @@ def pretrain(
 
     def validate():
         return next_item_metrics(model, valid_set, device=cfg.device, world=world,
-                                 batch_size=cfg.eval_batch_size)
+                                 batch_size=cfg.eval_batch_size,
+                                 indices=eval_indices(len(valid_set), cfg))
 
     t0 = time.perf_counter()
     history, _, best = _train_epochs(
@@ -412,7 +436,8 @@ def pretrain(
         loss_fn=loss_fn, validate=validate, monitor="ndcg@10", lengths=None, desc=kind,
     )
     test = next_item_metrics(model, test_set, device=cfg.device, world=world,
-                             batch_size=cfg.eval_batch_size)
+                             batch_size=cfg.eval_batch_size,
+                             indices=eval_indices(len(test_set), cfg))
     valid = _best_record(history, best["best_epoch"], exclude=_TRAIN_KEYS)
     result = {
         "kind": kind,
@@ -422,11 +447,37 @@ def pretrain(
         "history": history,
         "train_seconds": time.perf_counter() - t0,
         "sequences_per_s": float(np.median([h["train_samples_per_s"] for h in history])),
+        "softmax": model.softmax_description(),
         **best,
     }
     if out_dir is not None and world.is_main:
         _save_run(out_dir, model, kind, spec, mcfg, cfg, ds, result, ("ndcg@10", "hr@10"))
     return result
+
+
+def _samplers(model: nn.Module, ds, device: str) -> dict:
+    """The negative samplers of ``model``'s sampled heads, from training-split frequencies."""
+    from srp4ctr.models.sampled_softmax import NegativeSampler
+
+    fields = getattr(model, "sampled_fields", [])
+    if not fields:
+        return {}
+    train = np.asarray(ds.split) == 0
+    items = np.asarray(ds.item)[train]
+    out = {}
+    for f in fields:
+        vocab = model.spec.vocab[f]
+        if f == "item":
+            ids, exclude = items, (0, model.spec.oov_item)
+        elif f in ds.item_table:
+            ids, exclude = ds.item_table[f][items], (0,)
+        else:
+            ids, exclude = np.asarray(ds.behaviour[f])[train], (0,)
+        counts = np.bincount(np.asarray(ids, np.int64), minlength=vocab)[:vocab]
+        out[f] = NegativeSampler(model.config.sampler, vocab, model.config.n_sampled,
+                                 counts=counts, exclude=exclude, device=device)
+        log.info(f"{model.kind}: {f} head ({vocab} values): {out[f].describe()}")
+    return out
 
 
 def _run_config(ds, mcfg, cfg, section: str) -> dict:
@@ -465,6 +516,7 @@ def _save_run(out_dir, model, kind, spec, mcfg, cfg, ds, result, curve_keys) -> 
         "model_config": mcfg.to_dict(),
         "spec": spec.to_dict(),
         "train_config": cfg.to_dict(),
+        **({"pretrain_softmax": result["softmax"]} if "softmax" in result else {}),
         "dataset": dataset_record(ds),
         "metrics": {k: result[k] for k in ("valid", "test") if k in result},
     }, extra=extra)
@@ -475,6 +527,21 @@ def _save_run(out_dir, model, kind, spec, mcfg, cfg, ds, result, curve_keys) -> 
              "metrics.json" + (", curves.png" if plotted else "")
              + ("; a serving bundle (srp4ctr serve / export-onnx --run it)"
                 if kind == SRP4CTR.kind else ""))
+
+
+def require_two_classes(ds, negatives: str | None) -> None:
+    """:class:`InputError` when the training or validation labels of ``ds`` are all one class
+    and no sampled negatives are asked for (click-only data)."""
+    if negatives is not None:
+        return
+    for split, code in (("training", 0), ("validation", 1)):
+        labels = ds.label[ds.split == code]
+        if labels.size and labels.min() == labels.max():
+            raise InputError(
+                f"every {split} label of {ds.name!r} is {int(labels[0])} (label rule: "
+                f"{ds.meta.get('label_rule')}): a CTR model cannot learn from one class. "
+                "For click-only data (every interaction a positive) train with sampled "
+                "negatives: --negatives uni100 (TrainConfig(negatives='uni100'))")
 
 
 def finetune(
@@ -497,15 +564,7 @@ def finetune(
     entry = model_entry(kind)
     cfg = train_config or TrainConfig()
     cfg.check_device()
-    if cfg.negatives is None:
-        for split, code in (("training", 0), ("validation", 1)):
-            labels = ds.label[ds.split == code]
-            if labels.size and labels.min() == labels.max():
-                raise InputError(
-                    f"every {split} label of {ds.name!r} is {int(labels[0])} (label rule: "
-                    f"{ds.meta.get('label_rule')}): a CTR model cannot learn from one class. "
-                    "For click-only data (every interaction a positive) train with sampled "
-                    "negatives: --negatives uni100 (TrainConfig(negatives='uni100'))")
+    require_two_classes(ds, cfg.negatives)
     mcfg = model_config or ModelConfig()
     _set_threads(cfg)
     world = init_world(cfg.device)
@@ -543,7 +602,7 @@ def finetune(
 
     def validate():
         pred = predict_ctr(model, valid_set, batch_size=cfg.eval_batch_size, device=cfg.device,
-                           world=world)
+                           world=world, indices=eval_indices(len(valid_set), cfg))
         return ctr_metrics(pred)
 
     lengths = getattr(train_set, "hist_lengths", None)
@@ -555,7 +614,8 @@ def finetune(
     )
     valid = _best_record(history, best["best_epoch"], exclude=_TRAIN_KEYS)
     test = ctr_metrics(predict_ctr(model, test_set, batch_size=cfg.eval_batch_size,
-                                   device=cfg.device, world=world))
+                                   device=cfg.device, world=world,
+                                   indices=eval_indices(len(test_set), cfg)))
     result = {
         "kind": kind,
         "name": name or kind,

@@ -3,6 +3,32 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+
+def sparse_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The weights of ``model``'s sparse-gradient embedding tables (the tables of sampled
+    pre-training heads over large vocabularies)."""
+    return [m.weight for m in model.modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+
+
+class _Steps:
+    """Several optimizers (or schedules) stepped as one."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.parts:
+            p.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for p in self.parts:
+            p.step()
+
+    def get_last_lr(self) -> list[float]:
+        return [lr for p in self.parts for lr in p.get_last_lr()]
 
 
 def make_optimizer(
@@ -14,13 +40,22 @@ def make_optimizer(
     warmup_steps: int = 0,
     power: float = 1.0,
     end_lr_ratio: float = 0.0,
+    sparse_params=(),
 ):
     """Adam (AdamW when ``weight_decay`` > 0) and a per-step LambdaLR schedule.
 
     lr(t) = lr · t / warmup                                   for t < warmup
     lr(t) = lr · [end + (1 − end) · (1 − (t − warmup)/(T − warmup))^power]   after
+
+    ``sparse_params`` (of ``params``; :func:`sparse_parameters`) get ``SparseAdam`` with the same
+    learning rate and schedule: it updates only the rows a step's sparse gradient holds (the
+    moments of the other rows wait, "lazy" Adam) and applies no weight decay. Then the
+    optimizer and schedule returned step both parts.
     """
+    sparse_ids = {id(p) for p in sparse_params}
     params = [p for p in params if p.requires_grad]
+    sparse = [p for p in params if id(p) in sparse_ids]
+    params = [p for p in params if id(p) not in sparse_ids]
     if weight_decay > 0:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     else:
@@ -36,4 +71,8 @@ def make_optimizer(
         return end_lr_ratio + (1.0 - end_lr_ratio) * (1.0 - frac) ** power
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    return opt, sched
+    if not sparse:
+        return opt, sched
+    sopt = torch.optim.SparseAdam(sparse, lr=lr)
+    ssched = torch.optim.lr_scheduler.LambdaLR(sopt, factor)
+    return _Steps([opt, sopt]), _Steps([sched, ssched])
