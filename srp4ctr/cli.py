@@ -118,7 +118,8 @@ def _load_dataset(args: argparse.Namespace, run: str | None = None):
                         progress=not args.quiet)
 
 
-_MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "max_len", "n_queries", "dropout", "mask_rate")
+_MODEL_FLAGS = ("d_model", "n_layers", "n_heads", "max_len", "n_queries", "dropout", "mask_rate",
+                "softmax", "sampled_softmax_above", "sampler", "n_sampled")
 _TRAIN_FLAGS = ("epochs", "batch_size", "lr", "weight_decay", "patience", "seed",
                 "max_steps_per_epoch", "device", "num_threads", "negatives")
 
@@ -457,6 +458,12 @@ def setup_logging(level: str = "info", quiet: bool = False) -> None:
     root.propagate = False
 
 
+#: the model keys of ``srp4ctr experiment`` (srp4ctr.train.experiment.VARIANTS, not imported
+#: here so that --help stays fast; tests/test_gbdt.py checks the two agree)
+EXPERIMENT_MODELS = ("din", "bst", "user_vector", "srp4ctr_nopretrain", "srp4ctr_bert",
+                     "srp4ctr_fgbert", "srp4ctr_no_xattn", "srp4ctr_no_qformer", "gbdt")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="srp4ctr",
@@ -496,6 +503,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what to pre-train, one of %(choices)s: FG-BERT (side information, "
                        "two masking strategies) or BERT (item ids only); default %(default)s")
     p_pre.add_argument("--mask-rate", dest="mask_rate", type=float, help="default 0.2")
+    p_pre.add_argument("--softmax", choices=("auto", "full", "sampled"),
+                       help="the heads' softmax: full, sampled (negatives with the logQ "
+                       "correction, sparse embedding gradients), or auto: sampled for a "
+                       "vocabulary above --sampled-softmax-above (default auto)")
+    p_pre.add_argument("--sampled-softmax-above", dest="sampled_softmax_above", type=int,
+                       metavar="N", help="vocabulary size above which auto samples "
+                       "(default 100000)")
+    p_pre.add_argument("--sampler", choices=("log_uniform", "uniform", "in_batch"),
+                       help="negatives of a sampled softmax: log-uniform over training-frequency "
+                       "ranks (default), uniform, or the batch's own targets")
+    p_pre.add_argument("--n-sampled", dest="n_sampled", type=int, metavar="K",
+                       help="negatives per step of a sampled softmax (default 1024)")
     _add_train_args(p_pre)
     p_pre.add_argument("--json", action="store_true",
                        help="print the result as JSON instead of a table")
@@ -539,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
         "experiment",
         help="train every model over several seeds and write results.json/.md and a plot",
         description="Pre-train FG-BERT and BERT, train DIN, BST, the user-vector baseline, "
-        "SRP4CTR and its ablations for each seed; write OUT/results.json, OUT/results.md "
+        "SRP4CTR and its ablations, and the GBDT baseline (LightGBM on history statistics; "
+        "pip install 'srp4ctr[gbdt]') for each seed; write OUT/results.json, OUT/results.md "
         "(mean ± std, protocol, cost analysis) and OUT/results.png. Finished runs are kept and "
         "skipped when the command is run again.",
     )
@@ -547,7 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_ex.add_argument("--seeds", type=int, default=None,
                       help="number of seeds (default: the --config file's, else 5)")
     p_ex.add_argument("--out", required=True, help="output directory")
-    p_ex.add_argument("--models", help="comma-separated subset of the model keys")
+    p_ex.add_argument("--models", help="comma-separated subset of the model keys "
+                      f"({', '.join(EXPERIMENT_MODELS)}; default: all; gbdt needs LightGBM: "
+                      "pip install 'srp4ctr[gbdt]')")
     p_ex.add_argument("--no-resume", action="store_true", help="ignore finished runs in OUT")
     p_ex.add_argument("--pretrain-epochs", type=int, help="pre-training epochs (default 30)")
     p_ex.add_argument("--pretrain-batch-size", type=int, help="pre-training batch (default 64)")

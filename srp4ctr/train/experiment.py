@@ -1,8 +1,10 @@
 """``srp4ctr experiment``: every model, several seeds, one table.
 
 For each seed: pre-train FG-BERT and the item-id-only BERT on the training part, then fine-tune
-every CTR model on the same split and evaluate on the test split. Results are written after each
-run, so an interrupted experiment keeps what it finished and ``resume=True`` skips it.
+every CTR model on the same split and evaluate on the test split. The ``gbdt`` baseline
+(:mod:`srp4ctr.train.gbdt`, LightGBM on statistics of the same samples' histories) trains beside
+them, with no pre-training. Results are written after each run, so an interrupted experiment
+keeps what it finished and ``resume=True`` skips it.
 """
 
 from __future__ import annotations
@@ -41,7 +43,12 @@ VARIANTS: dict[str, Variant] = {
                                 label="SRP4CTR without uni cross-attention"),
     "srp4ctr_no_qformer": Variant("srp4ctr", "fgbert", {"use_qformer": False},
                                   label="SRP4CTR without Q-Former"),
+    # no torch model: srp4ctr.train.gbdt (LightGBM, the gbdt extra) on the same samples
+    "gbdt": Variant("gbdt", label="GBDT (LightGBM) on history statistics"),
 }
+
+#: model keys trained by srp4ctr.train.gbdt instead of srp4ctr.train.loop.finetune
+GBDT_KINDS = ("gbdt",)
 
 METRICS = ("auc", "gauc", "logloss")
 
@@ -90,6 +97,10 @@ def run_experiment(
         from srp4ctr.errors import InputError
 
         raise InputError(f"unknown model keys {unknown}; known: {list(VARIANTS)}")
+    if any(VARIANTS[m].kind in GBDT_KINDS for m in models):
+        from srp4ctr.train.gbdt import require_lightgbm
+
+        require_lightgbm()  # before any training: a missing extra fails at once
     mcfg = model_config or ModelConfig()
     tcfg = train_config or TrainConfig()
     pcfg = pretrain_config or default_pretrain_config(tcfg)
@@ -146,7 +157,7 @@ def run_experiment(
 # Longest first within a seed, so parallel workers finish together; pre-training before the
 # fine-tuning that needs it.
 _ORDER = ("srp4ctr_nopretrain", "bst", "srp4ctr_fgbert", "srp4ctr_no_xattn", "srp4ctr_bert",
-          "srp4ctr_no_qformer", "user_vector", "din")
+          "srp4ctr_no_qformer", "user_vector", "din", "gbdt")
 
 
 @dataclass(frozen=True)
@@ -211,7 +222,12 @@ def _execute(task: _Task, ds, threads: int | None) -> dict:
     if threads:
         tc = kwargs["train_config"]
         kwargs["train_config"] = TrainConfig.from_dict({**tc.to_dict(), "num_threads": threads})
-    fn = pretrain if task.kind == "pretrain" else finetune
+    if task.kind == "pretrain":
+        fn = pretrain
+    elif kwargs["kind"] in GBDT_KINDS:
+        from srp4ctr.train.gbdt import train_gbdt as fn
+    else:
+        fn = finetune
     return fn(ds, task.out_dir, **kwargs)
 
 
