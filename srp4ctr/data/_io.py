@@ -249,10 +249,13 @@ def read_named(
     *,
     columns: dict[str, Kind],
     sep: str = ",",
-) -> pd.DataFrame:
+    chunksize: int | None = None,
+) -> pd.DataFrame | Iterator[pd.DataFrame]:
     """Read the named ``columns`` of a CSV with a header (quoting allowed).
 
-    Missing columns raise :class:`DataError` naming them; a malformed row names its line.
+    Missing columns raise :class:`DataError` naming them; a malformed row names its line. With
+    ``chunksize`` an iterator of frames of at most ``chunksize`` rows is returned, under the same
+    rules: the first chunk with a bad row raises, naming the file's first bad line.
     """
     header = read_header(path, display, sep)
     missing = [c for c in columns if c not in header]
@@ -264,33 +267,59 @@ def read_named(
     def fail(e: Exception | str) -> None:
         raise_named(path, display, header=header, columns=columns, sep=sep, cause=e)
 
-    try:
-        # every column is parsed, not only ``columns``: with ``usecols`` the parser silently
-        # drops the extra fields of a row that has more than the header; the others are read
-        # as strings and dropped. Invalid UTF-8 is an error (replacing it would merge ids).
-        df = pd.read_csv(
-            path,
-            sep=sep,
-            dtype={**{c: "str" for c in header}, **dtype},
-            engine="c",
-            keep_default_na=False,
-            na_values={c: [""] for c in columns},
-            encoding="utf-8",
-            encoding_errors="strict",
-        )[list(columns)]
-    except UnicodeDecodeError:
-        line = _first_non_utf8_line(path)
-        raise DataError("not valid UTF-8 (save the file as UTF-8)", path=display,
-                        line=line) from None
-    except (ValueError, pd.errors.ParserError, OverflowError) as e:
+    # every column is parsed, not only ``columns``: with ``usecols`` the parser silently drops
+    # the extra fields of a row that has more than the header; the others are read as strings
+    # and dropped. Invalid UTF-8 is an error (replacing it would merge ids).
+    options: dict[str, Any] = {
+        "sep": sep,
+        "dtype": {**{c: "str" for c in header}, **dtype},
+        "engine": "c",
+        "keep_default_na": False,
+        "na_values": {c: [""] for c in columns},
+        "encoding": "utf-8",
+        "encoding_errors": "strict",
+    }
+
+    def checked(df: pd.DataFrame) -> pd.DataFrame:
+        df = df[list(columns)]
+        for c, k in columns.items():
+            if k != "any" and df[c].isna().any():
+                fail(f"missing value in column {c!r}")
+        return df
+
+    def located(e: Exception) -> None:
+        if isinstance(e, UnicodeDecodeError):
+            line = _first_non_utf8_line(path)
+            raise DataError("not valid UTF-8 (save the file as UTF-8)", path=display,
+                            line=line) from None
         fail(e)
-        raise  # unreachable
-    for c, k in columns.items():
-        if k == "any":
-            continue
-        if df[c].isna().any():
-            fail(f"missing value in column {c!r}")
-    return df
+
+    if chunksize is None:
+        try:
+            df = pd.read_csv(path, **options)
+        except (ValueError, pd.errors.ParserError, OverflowError) as e:
+            located(e)
+            raise  # unreachable
+        return checked(df)
+
+    def _gen() -> Iterator[pd.DataFrame]:
+        try:
+            reader = pd.read_csv(path, chunksize=chunksize, **options)
+        except (ValueError, pd.errors.ParserError, OverflowError) as e:
+            located(e)
+            raise  # unreachable
+        with reader:
+            while True:
+                try:
+                    df = next(reader)
+                except StopIteration:
+                    return
+                except (ValueError, pd.errors.ParserError, OverflowError) as e:
+                    located(e)
+                    raise  # unreachable
+                yield checked(df)
+
+    return _gen()
 
 
 def _first_non_utf8_line(path: str | os.PathLike) -> int | None:

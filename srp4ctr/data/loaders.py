@@ -7,10 +7,14 @@ type), the label, and the side tables; :mod:`srp4ctr.data.pipeline` turns that i
 
 from __future__ import annotations
 
+import bisect
+import ctypes
+import functools
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -429,24 +433,141 @@ def _default_mapping(header: list[str]) -> dict[str, str]:
     return m
 
 
-def _ids(s: pd.Series) -> np.ndarray:
-    """Raw ids: int64 when every value is an integer, else strings."""
+def _id_part(s: pd.Series) -> tuple[str, np.ndarray, Any]:
+    """One batch of raw ids, before the integer-or-string decision for the whole column.
+
+    ``("str", strings, None)`` when some value is not an integer, or its integer form would
+    change it (``"007"``); otherwise integers that can still be turned back into the text that
+    reading the whole column at once gives: ``("int", int64, None)`` from an integer column
+    (the text is ``str(int)``), ``("float", float64, None)`` from a float column of integral
+    values (``"7.0"``), ``("text", int64, patch)`` from text, where ``patch`` is ``None`` or
+    ``(rows, text)`` holding the values whose text is not ``str(int)`` (``" 7"``).
+    """
     if s.dtype.kind in "iu":
-        return s.to_numpy(dtype=np.int64)
+        return "int", _own(s.to_numpy(dtype=np.int64)), None
     if s.dtype.kind == "f":
         a = s.to_numpy(dtype=np.float64)
         if np.all(a == np.floor(a)):
-            return a.astype(np.int64)
+            return "float", _own(a), None
     if s.dtype.kind in "OUT" or str(s.dtype) in ("str", "string"):
+        ints = _exact_ints(s)
+        if ints is not None and ints.min() > -(2**53) and ints.max() < 2**53:
+            return "text", ints, None  # what the general path below gives, ten times faster
         num = pd.to_numeric(s, errors="coerce")
         if not num.isna().any():
             a = num.to_numpy(dtype=np.float64)
             if np.all(a == np.floor(a)) and np.all(np.abs(a) < 2**53):
-                strs = s.astype(str).str.strip()
+                text = s.astype(str)
+                ints = a.astype(np.int64)
+                canon = pd.Series(ints, index=s.index).astype(str)
                 # keep string ids when the integer form would change them ("007" -> 7)
-                if (strs == pd.Series(a.astype(np.int64), index=s.index).astype(str)).all():
-                    return a.astype(np.int64)
-    return s.astype(str).to_numpy(dtype=str)
+                if (text.str.strip() == canon).all():
+                    off = (text != canon).to_numpy(dtype=bool)
+                    patch = None
+                    if off.any():
+                        rows = np.flatnonzero(off)
+                        patch = (rows, text.to_numpy(dtype=str)[rows])
+                    return "text", ints, patch
+    return "str", s.astype(str).to_numpy(dtype=str), None
+
+
+def _exact_ints(s: pd.Series) -> np.ndarray | None:
+    """A text column as int64 when every value is written exactly as ``str(int)`` (no "+",
+    leading zeros, spaces or exponent), else None. For such text it is what ``pd.to_numeric``
+    gives, through pyarrow's cast (about ten times faster)."""
+    if not isinstance(s.dtype, pd.StringDtype) or len(s) == 0:
+        return None
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        text = pa.array(s)
+        if text.null_count:
+            return None
+        ints = pc.cast(text, pa.int64())  # refuses "+7", " 7", "1e3", "7.0", overflow
+        if not pc.all(pc.equal(pc.cast(ints, text.type), text)).as_py():  # "007", "-0"
+            return None
+    except (pa.ArrowException, TypeError, ValueError):
+        return None
+    return np.asarray(ints.to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _own(a: np.ndarray) -> np.ndarray:
+    """``a``, copied if it is a view: a column of a batch's frame can be a view of a block of
+    several columns, which would keep the whole batch alive."""
+    return a if a.flags.owndata else a.copy()
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+
+
+def _trim_heap() -> None:
+    """Give the freed heap pages back to the system (glibc; elsewhere nothing happens).
+
+    glibc keeps freed blocks of a few MB (the per-batch arrays) in its heap for reuse, so
+    without this the process would keep a copy of each joined column: about 100 MB more at the
+    peak for 5M rows; it costs about a millisecond."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _int_text(a: np.ndarray) -> np.ndarray:
+    """``str(int)`` of each value, as the narrowest unicode array (what pandas' text gives)."""
+    width = max(len(str(int(a.min()))), len(str(int(a.max())))) if a.size else 1
+    return a.astype(f"<U{width}")
+
+
+def _join_ids(parts: list[tuple[str, np.ndarray, Any]]) -> np.ndarray:
+    """A whole column's raw ids from its batches (``parts`` is consumed): int64 when every batch
+    is integral, else the strings that reading the whole column at once gives."""
+    strings = any(k == "str" for k, _, _ in parts)
+    arrays: list[np.ndarray] = []
+    parts.reverse()
+    while parts:
+        kind, a, patch = parts.pop()
+        if not strings:
+            a = a.astype(np.int64, copy=False)
+        elif kind == "float":
+            a = pd.Series(a).astype(str).to_numpy(dtype=str)
+        elif kind != "str":
+            a = _int_text(a)
+            if patch is not None:
+                rows, text = patch
+                a = a.astype(np.promote_types(a.dtype, text.dtype), copy=False)
+                a[rows] = text
+        arrays.append(a)
+    return _concat(arrays)
+
+
+def _concat(parts: list[np.ndarray], dtype: Any = None) -> np.ndarray:
+    """``np.concatenate(parts)`` that frees each part once copied (``parts`` is emptied): the
+    result's pages are committed as they are written, so the peak is about the result plus one
+    part, not twice the column."""
+    if dtype is None:
+        dtypes = [p.dtype for p in parts]
+        dtype = functools.reduce(np.promote_types, dtypes) if dtypes else np.float64
+    if len(parts) == 1:
+        return parts.pop().astype(dtype, copy=False)
+    out = np.empty(sum(len(p) for p in parts), dtype=dtype)
+    pos = 0
+    parts.reverse()
+    while parts:
+        p = parts.pop()
+        out[pos : pos + len(p)] = p
+        pos += len(p)
+        del p
+    _trim_heap()
+    return out
 
 
 class _OutOfRange(ValueError):
@@ -457,53 +578,156 @@ class _OutOfRange(ValueError):
         self.row = row
 
 
-def _unix_seconds(s: pd.Series) -> np.ndarray | None:
-    """Timestamps as int64 unix seconds, or None if some value is neither number nor date."""
+def _unix_seconds(s: pd.Series, dates: bool = False) -> tuple[np.ndarray | None, bool | None]:
+    """Timestamps as int64 unix seconds (None if some value is neither number nor date), and,
+    for text, whether it was read as ISO date-times (True: some value is not a number) or as
+    numbers (False); None for a typed column. ``dates`` reads text as date-times regardless."""
     if isinstance(s.dtype, pd.DatetimeTZDtype) or s.dtype.kind == "M":
         t = pd.to_datetime(s, utc=True)
         if t.isna().any():
-            return None
-        return ((t - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(np.int64)
+            return None, None
+        return ((t - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(np.int64), None
     if s.dtype.kind in "iu":
         a = s.to_numpy()
         if a.size and np.any(np.abs(a.astype(np.float64)) > F.MAX_ABS_TIMESTAMP):
             raise _OutOfRange(int(np.flatnonzero(np.abs(a.astype(np.float64))
                                                  > F.MAX_ABS_TIMESTAMP)[0]))
-        return a.astype(np.int64)
+        return a.astype(np.int64), None
     if s.dtype.kind == "f":
         a = s.to_numpy(dtype=np.float64)
         if not np.all(np.isfinite(a)):
-            return None
+            return None, None
         if a.size and np.any(np.abs(a) > F.MAX_ABS_TIMESTAMP):
             raise _OutOfRange(int(np.flatnonzero(np.abs(a) > F.MAX_ABS_TIMESTAMP)[0]))
-        return np.floor(a).astype(np.int64)
-    num = pd.to_numeric(s, errors="coerce")
-    if not num.isna().any():
-        return _unix_seconds(num)
+        return np.floor(a).astype(np.int64), None
+    if not dates:
+        ints = _exact_ints(s)
+        if ints is not None:  # the common case, what the line below gives, faster
+            return _unix_seconds(pd.Series(ints))[0], False
+        num = pd.to_numeric(s, errors="coerce")
+        if not num.isna().any():
+            return _unix_seconds(num)[0], False
     try:
         t = pd.to_datetime(s, utc=True, errors="coerce", format="ISO8601")
     except (ValueError, TypeError):
-        return None
+        return None, True
     if t.isna().any():
-        return None
-    return _unix_seconds(t)
+        return None, True
+    return _unix_seconds(t)[0], True
 
 
-def _labels01(s: pd.Series) -> np.ndarray | None:
+def _first_true(mask: Any) -> int:
+    """Position of the first true value (0 if there is none)."""
+    hits = np.flatnonzero(np.asarray(mask, dtype=bool))
+    return int(hits[0]) if hits.size else 0
+
+
+def _labels01(s: pd.Series) -> tuple[np.ndarray | None, int]:
+    """Labels as int8 0/1, or ``(None, position of the first value that is not 0 or 1)``."""
     if s.dtype.kind == "b":
-        return s.to_numpy(dtype=np.int8)
+        return s.to_numpy(dtype=np.int8), 0
     if s.dtype.kind not in "iuf":
         low = s.astype(str).str.strip().str.lower()
         low = low.replace({"true": "1", "false": "0"})
         s = pd.to_numeric(low, errors="coerce")
-    a = s.to_numpy(dtype=np.float64)
-    if not np.all((a == 0) | (a == 1)):
-        return None
-    return a.astype(np.int8)
+    a = s.to_numpy(dtype=np.float64, na_value=np.nan)
+    ok = (a == 0) | (a == 1)
+    if not ok.all():
+        return None, _first_true(~ok)
+    return a.astype(np.int8), 0
 
 
-def load_generic(path: Path, fmt: str, columns: Any) -> RawData:
-    """A generic interaction table (CSV with a header, or parquet) and a column mapping."""
+def _open_parquet(path: Path, display: str) -> tuple[Any, list[Any]]:
+    """The dataset of a parquet file or folder and its files (fragments), in reading order.
+
+    A folder is read as :func:`pandas.read_parquet` reads it: hive partitions (``key=value``
+    folders) give dictionary columns, names starting with ``.`` or ``_`` are skipped.
+    """
+    try:
+        import pyarrow.dataset as pads
+    except ImportError:  # pragma: no cover
+        raise InputError("reading parquet needs pyarrow: pip install 'srp4ctr[parquet]'") from None
+    try:
+        if path.is_dir():
+            ds = pads.dataset(str(path), format="parquet",
+                              partitioning=pads.HivePartitioning.discover(infer_dictionary=True))
+        else:
+            ds = pads.dataset(str(path), format="parquet")
+        fragments = list(ds.get_fragments())
+    except Exception as e:  # pyarrow raises several types for bad files
+        raise DataError(f"cannot read parquet: {e}", path=display) from None
+    if not fragments:
+        raise DataError("no parquet files in this folder (names starting with '.' or '_' are "
+                        "skipped)", path=display)
+    return ds, fragments
+
+
+def _parquet_batches(
+    ds: Any, fragments: list[Any], columns: list[str], batch_rows: int
+) -> Iterator[tuple[pd.DataFrame, str]]:
+    """(frame, file) of each record batch, file by file; only ``columns`` are read."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    # no pre-buffering of whole row groups: about 100 MB less at the peak for 1M-row batches,
+    # and no slower on local files
+    options = pads.ParquetFragmentScanOptions(pre_buffer=False)
+    for frag in fragments:
+        it = None
+        while True:
+            try:
+                if it is None:
+                    # one batch read ahead, not the default 16 (16 batches in memory)
+                    it = iter(frag.to_batches(schema=ds.schema, columns=columns,
+                                              batch_size=batch_rows, batch_readahead=1,
+                                              fragment_readahead=1,
+                                              fragment_scan_options=options))
+                batch = next(it)
+                # as pandas.read_parquet converts (same dtypes, the pandas metadata applied),
+                # without first joining the columns into blocks (split_blocks)
+                df = pa.Table.from_batches([batch]).to_pandas(split_blocks=True)
+            except StopIteration:
+                break
+            except Exception as e:  # pyarrow raises several types for bad files
+                raise DataError(f"cannot read parquet: {e}", path=str(frag.path)) from None
+            del batch
+            yield df, str(frag.path)
+            del df
+            pa.default_memory_pool().release_unused()  # else mimalloc keeps the freed batches
+
+
+_NOT_TIME = "timestamp is neither a number nor an ISO date-time"
+
+
+def load_generic(path: Path, fmt: str, columns: Any, *, batch_rows: int = 1_000_000) -> RawData:
+    """A generic interaction table (CSV with a header, or parquet) and a column mapping.
+
+    ``path`` is a CSV file (or a folder holding one), a parquet file, or a parquet dataset
+    folder, plain or hive-partitioned (read as :func:`pandas.read_parquet` reads it). The table
+    is read ``batch_rows`` rows at a time (CSV in pandas chunks, parquet in record batches, file
+    by file and only the mapped columns), each batch turned at once into compact arrays, never a
+    frame of the whole table. The reading phase holds, per row: 8 bytes for each of user id,
+    item id (integer ids; string ids take 4 bytes per character of the longest), timestamp and
+    rating; 1 for a label column; 8 for an integer behaviour (4 per character for strings); an
+    8-byte object pointer plus the value's object for each item side column (as before); plus
+    one batch (for CSV a frame of all its columns as text). For integer ids, timestamp and
+    rating that is 32 bytes a row (33 with the label derived at the end: 165 MB for 5M rows).
+    Joining a column's batches frees each part as it is copied, so the peak is about one column
+    more.
+
+    The result does not depend on ``batch_rows``: it is what reading the whole table at once
+    gives. Ids are integers only if every batch's are (``"007"`` anywhere makes the column
+    strings); text timestamps are numbers or ISO date-times for the whole column (when batches
+    disagree, the column is read a second time as date-times); vocabularies are over the whole
+    column. A bad value raises :class:`DataError` naming the file and, for CSV, the first bad
+    line of the file, for parquet the row (1-based over the whole table; for a dataset folder
+    the file of the row and the row within it too). With several bad values, the one reported is
+    the first of the first batch that has any.
+    """
+    if (isinstance(batch_rows, bool) or not isinstance(batch_rows, (int, np.integer))
+            or batch_rows < 1):
+        raise InputError(f"batch_rows must be a positive integer, got {batch_rows!r}")
+    batch_rows = int(batch_rows)
     if path.is_dir() and fmt == "csv":
         found = sorted(path.glob("*.csv"))
         if len(found) != 1:
@@ -514,14 +738,8 @@ def load_generic(path: Path, fmt: str, columns: Any) -> RawData:
     if fmt == "csv":
         header = read_header(path, display)
     else:
-        try:
-            import pyarrow.dataset as pads
-        except ImportError:  # pragma: no cover
-            raise InputError("reading parquet needs pyarrow: pip install 'srp4ctr[parquet]'") from None
-        try:
-            header = list(pads.dataset(str(path), format="parquet").schema.names)
-        except Exception as e:  # pyarrow raises several types for bad files
-            raise DataError(f"cannot read parquet: {e}", path=display) from None
+        ds, fragments = _open_parquet(path, display)
+        header = list(ds.schema.names)
     if mapping is None:
         mapping = _default_mapping(header)
     missing = sorted({c for c in mapping.values() if c not in header})
@@ -532,78 +750,148 @@ def load_generic(path: Path, fmt: str, columns: Any) -> RawData:
                "label": "label", "behavior": "str"}
     for k, c in mapping.items():
         kinds[c] = kind_of.get(k, "any")
+    in_folder = fmt != "csv" and path.is_dir()
+    starts: list[int] = []  # first row (over the whole table) of each parquet file read
+    files: list[str] = []
 
     def fail(cause: str, column: str, bad_row: int | None) -> None:
         if fmt == "csv":
             raise_named(path, display, header=header, columns=kinds, cause=cause)
-        where = f" (row {bad_row + 1})" if bad_row is not None else ""
-        raise DataError(f"column {column!r}: {cause}{where}", path=display)
+        where, file = "", display
+        if bad_row is not None:
+            where = f" (row {bad_row + 1})"
+            if in_folder and starts:
+                k = bisect.bisect_right(starts, bad_row) - 1
+                file = files[k]
+                where = (f" (row {bad_row - starts[k] + 1} of this file, "
+                         f"row {bad_row + 1} of the dataset)")
+        raise DataError(f"column {column!r}: {cause}{where}", path=file)
 
-    if fmt == "csv":
-        df = read_named(path, display, columns=kinds)
-    else:
+    def batches(cols: dict[str, Any]) -> Iterator[tuple[pd.DataFrame, str]]:
+        if fmt == "csv":
+            for df in read_named(path, display, columns=cols, chunksize=batch_rows):
+                yield df, display
+        else:
+            yield from _parquet_batches(ds, fragments, list(cols), batch_rows)
+
+    ts_col = mapping["timestamp"]
+    parts: dict[str, list[Any]] = {k: [] for k in ("timestamp", "user", "item", "rating",
+                                                   "behavior", "label")}
+    side_keys = [k for k in mapping if k not in STANDARD_KEYS]
+    side_parts: dict[str, list[np.ndarray]] = {k: [] for k in side_keys}
+    ts_modes: set[bool] = set()  # text timestamps: read as numbers (False) / date-times (True)
+    first_text_row: int | None = None  # the first timestamp that is not a number
+    n = trimmed = 0  # rows read so far, and when the heap was last trimmed
+    for df, file in batches(kinds):
+        if len(df) == 0:
+            continue
+        if not files or files[-1] != file:
+            starts.append(n)
+            files.append(file)
+        if fmt != "csv":
+            for c in mapping.values():
+                if kinds[c] != "any" and df[c].isna().any():
+                    fail("missing value", c, n + _first_true(df[c].isna()))
+
+        col = df[ts_col]
         try:
-            df = pd.read_parquet(path, columns=list(dict.fromkeys(mapping.values())))
-        except Exception as e:
-            raise DataError(f"cannot read parquet: {e}", path=display) from None
-        for k, c in mapping.items():
-            if kinds[c] != "any" and df[c].isna().any():
-                fail("missing value", c, int(np.flatnonzero(df[c].isna().to_numpy())[0]))
-    if len(df) == 0:
+            ts, as_dates = _unix_seconds(col)
+        except _OutOfRange as e:
+            fail("timestamp out of range (|t| > 2**53 seconds)", ts_col, n + e.row)
+        if as_dates and first_text_row is None:
+            first_text_row = n + _first_true(pd.to_numeric(col, errors="coerce").isna())
+        if ts is None:
+            row = first_text_row  # as reading at once names it: the first text that is no number
+            if row is None:  # a typed column: an infinite value
+                num = pd.to_numeric(col, errors="coerce").to_numpy(np.float64, na_value=np.nan)
+                row = n + _first_true(~np.isfinite(num))
+            fail(_NOT_TIME, ts_col, row)
+        if as_dates is not None:
+            ts_modes.add(as_dates)
+        parts["timestamp"].append(_own(ts))
+        del col, ts
+
+        for key in ("user", "item"):
+            c = df[mapping[key]]
+            if c.dtype.kind == "u" and c.max() > np.iinfo(np.int64).max:
+                fail(f"{key} ids beyond the int64 range", mapping[key],
+                     n + int(np.flatnonzero(c.to_numpy() > np.iinfo(np.int64).max)[0]))
+        for key in ("user", "item"):
+            part = _id_part(df[mapping[key]])
+            if key == "item" and part[0] == "int" and part[1].min() < 0:
+                # an integer column stays integers: refused now (text ids are checked at the
+                # end, once the column is known to be integers)
+                fail("item ids must be non-negative integers or strings", mapping["item"],
+                     n + int(np.flatnonzero(part[1] < 0)[0]))
+            parts[key].append(part)
+        if "rating" in mapping:
+            rs = pd.to_numeric(df[mapping["rating"]], errors="coerce")
+            na = rs.isna().to_numpy(dtype=bool)
+            if na.any():
+                fail("rating is not a number", mapping["rating"], n + int(np.flatnonzero(na)[0]))
+            parts["rating"].append(_own(rs.to_numpy(dtype=np.float64)))
+        if "behavior" in mapping:
+            bs = df[mapping["behavior"]]
+            if bs.dtype.kind in "iu":
+                parts["behavior"].append(_own(bs.to_numpy(dtype=np.int64)))
+            else:
+                parts["behavior"].append(bs.astype(str).str.strip().to_numpy(dtype=str))
+        if "label" in mapping:
+            lab, bad = _labels01(df[mapping["label"]])
+            if lab is None:
+                fail("label must be 0 or 1", mapping["label"], n + bad)
+            parts["label"].append(_own(lab))
+        for k in side_keys:
+            side_parts[k].append(_own(df[mapping[k]].to_numpy()))
+        n += len(df)
+        del df
+        if n - trimmed >= 1_000_000:
+            _trim_heap()
+            trimmed = n
+    if n == 0:
         raise DataError("no interactions (empty table)", path=display)
 
-    try:
-        ts = _unix_seconds(df[mapping["timestamp"]])
-    except _OutOfRange as e:
-        fail("timestamp out of range (|t| > 2**53 seconds)", mapping["timestamp"], e.row)
-    if ts is None:
-        col = df[mapping["timestamp"]]
-        num = pd.to_numeric(col, errors="coerce")
-        fail("timestamp is neither a number nor an ISO date-time", mapping["timestamp"],
-             int(np.flatnonzero(num.isna().to_numpy())[0]) if num.isna().any() else None)
-    for key in ("user", "item"):
-        col = df[mapping[key]]
-        if col.dtype.kind == "u" and len(col) and col.max() > np.iinfo(np.int64).max:
-            fail(f"{key} ids beyond the int64 range", mapping[key],
-                 int(np.flatnonzero(col.to_numpy() > np.iinfo(np.int64).max)[0]))
-    user = _ids(df[mapping["user"]])
-    item = _ids(df[mapping["item"]])
-    if item.dtype.kind in "iu" and item.size and item.min() < 0:
+    if len(ts_modes) > 1:
+        # numbers in some batches, date-times in others: the whole column reads as date-times
+        # (as it does when read at once), so those numbers must be date-times too
+        parts["timestamp"] = []
+        for df, _ in batches({ts_col: kinds[ts_col]}):
+            if len(df) == 0:
+                continue
+            ts, _ = _unix_seconds(df[ts_col], dates=True)
+            if ts is None:
+                fail(_NOT_TIME, ts_col, first_text_row)
+            parts["timestamp"].append(_own(ts))
+    ts = _concat(parts.pop("timestamp"), np.int64)
+    user = _join_ids(parts.pop("user"))
+    item = _join_ids(parts.pop("item"))
+    if item.dtype.kind in "iu" and item.min() < 0:
         fail("item ids must be non-negative integers or strings", mapping["item"],
              int(np.flatnonzero(item < 0)[0]))
     d: dict[str, Any] = {}
-    rating = None
-    if "rating" in mapping:
-        rs = pd.to_numeric(df[mapping["rating"]], errors="coerce")
-        if rs.isna().any():
-            fail("rating is not a number", mapping["rating"], int(np.flatnonzero(rs.isna().to_numpy())[0]))
-        rating = rs.to_numpy(dtype=np.float64)
+    rating = _concat(parts.pop("rating"), np.float64) if "rating" in mapping else None
     behaviour = None
     if "behavior" in mapping:
-        bs = df[mapping["behavior"]]
-        if bs.dtype.kind in "iu":
-            behaviour = bs.to_numpy(dtype=np.int64)
+        behaviour = _concat(parts.pop("behavior"))
+        if behaviour.dtype.kind in "iu":
             vocab: list[Any] = [int(v) for v in np.unique(behaviour)]
         else:
-            behaviour = bs.astype(str).str.strip().to_numpy(dtype=str)
             vocab = [str(v) for v in np.unique(behaviour)]
         d.update(kind="behavior", values=behaviour, value_vocab=vocab)
     elif rating is not None:
         d.update(kind="rating", values=rating, value_vocab=[float(v) for v in np.unique(rating)])
     if "label" in mapping:
-        lab = _labels01(df[mapping["label"]])
-        if lab is None:
-            fail("label must be 0 or 1", mapping["label"], None)
-        d.update(label=lab, label_rule=f"label column {mapping['label']!r}")
+        d.update(label=_concat(parts.pop("label"), np.int8),
+                 label_rule=f"label column {mapping['label']!r}")
     elif rating is not None:
         d.update(label=(rating >= 4).astype(np.int8), label_rule="rating >= 4")
     elif behaviour is not None and set(d["value_vocab"]) <= set(F.TAOBAO_BEHAVIOURS):
         d.update(label=np.isin(behaviour, POSITIVE_BEHAVIOURS).astype(np.int8),
                  label_rule="behavior in {cart, fav, buy}")
     else:
-        d.update(label=np.ones(len(df), dtype=np.int8),
+        d.update(label=np.ones(n, dtype=np.int8),
                  label_rule="implicit feedback: every interaction is a positive")
-    side = {k: df[c].to_numpy() for k, c in mapping.items() if k not in STANDARD_KEYS}
+    side = {k: _concat(side_parts.pop(k)) for k in side_keys}
     return RawData(
         user=user,
         item=item,
