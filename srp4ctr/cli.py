@@ -270,7 +270,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def experiment_settings(args: argparse.Namespace) -> dict:
     """What ``srp4ctr experiment`` runs with: the defaults, then the ``--config`` file, then the
     flags (``model_config``, ``pretrain_model_config``, ``train_config``, ``pretrain_config``,
-    ``seeds``, ``models``, ``jobs``)."""
+    ``seeds``, ``models``, ``jobs``, ``strict_time``)."""
     from srp4ctr.train import TrainConfig
     from srp4ctr.train.experiment import default_pretrain_config
 
@@ -279,6 +279,7 @@ def experiment_settings(args: argparse.Namespace) -> dict:
     models = args.models.split(",") if args.models else exp.get("models")
     seeds = args.seeds if args.seeds is not None else exp.get("seeds", 5)
     jobs = args.jobs if args.jobs is not None else exp.get("jobs", 1)
+    strict_time = True if args.strict_time else bool(exp.get("strict_time", False))
     tcfg = _train_config(args)
     # pre-training: small batches and more epochs by default, then the file's section, then
     # the --pretrain-* flags; device, threads and seed follow the fine-tuning settings
@@ -297,7 +298,7 @@ def experiment_settings(args: argparse.Namespace) -> dict:
         pmcfg = pmcfg.replace(dropout=args.pretrain_dropout)
     return {"model_config": mcfg, "pretrain_model_config": pmcfg, "train_config": tcfg,
             "pretrain_config": TrainConfig.from_dict(pcfg), "seeds": seeds, "models": models,
-            "jobs": jobs}
+            "jobs": jobs, "strict_time": strict_time}
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
@@ -580,6 +581,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="trainings run at once in worker processes, each with threads/jobs "
                       "torch threads (default: the --config file's, else 1; 2 on a 2-core "
                       "machine is ~1.7x faster)")
+    p_ex.add_argument("--strict-time", dest="strict_time", action="store_true", default=None,
+                      help="strict-time protocol: a CTR sample's history holds only interactions "
+                      "strictly earlier than the candidate (default: also those of the same "
+                      "second that sort before it); pre-training is unchanged. An OUT folder "
+                      "holds one protocol (default: the --config file's experiment.strict_time, "
+                      "else off)")
     _add_train_args(p_ex)
     p_ex.set_defaults(func=_cmd_experiment)
 

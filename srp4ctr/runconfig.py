@@ -15,7 +15,8 @@ section and the key):
   every CTR run of an experiment).
 - ``pretrain``: ``TrainConfig`` of pre-training (``srp4ctr pretrain`` and an experiment's).
 - ``experiment``: ``seeds`` (a count or a list), ``models`` (keys of
-  :data:`srp4ctr.train.experiment.VARIANTS`), ``jobs``.
+  :data:`srp4ctr.train.experiment.VARIANTS`), ``jobs``, ``strict_time`` (true: CTR histories
+  hold only interactions strictly earlier than the candidate; default false).
 
 Command-line flags override the file, the file overrides the defaults. Every run writes the
 settings it resolved as ``run.yaml`` (a checkpoint folder) or ``config.yaml`` (an experiment),
@@ -36,7 +37,7 @@ __all__ = ["DATASET_KEYS", "EXPERIMENT_KEYS", "SECTIONS", "dump_run_config", "lo
            "write_run_config"]
 
 DATASET_KEYS = ("name", "path", "columns", "data_dir")
-EXPERIMENT_KEYS = ("seeds", "models", "jobs")
+EXPERIMENT_KEYS = ("seeds", "models", "jobs", "strict_time")
 #: fields of ModelConfig that pre-training may set apart from fine-tuning
 PRETRAIN_MODEL_KEYS = ("dropout", "mask_rate", "softmax", "sampled_softmax_above", "sampler",
                       "n_sampled")
@@ -159,6 +160,9 @@ def _check(path: Path, cfg: dict[str, dict[str, Any]]) -> None:
     jobs = exp.get("jobs")
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise InputError(f"{path}: experiment.jobs must be a positive integer, got {jobs!r}")
+    strict = exp.get("strict_time")
+    if strict is not None and not isinstance(strict, bool):
+        raise InputError(f"{path}: experiment.strict_time must be true or false, got {strict!r}")
     models = exp.get("models")
     if models is not None:
         from srp4ctr.train.experiment import VARIANTS

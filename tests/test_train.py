@@ -11,6 +11,7 @@ import pytest
 from train_fixtures import write_tiny_ml1m
 
 from srp4ctr import data
+from srp4ctr.data.samples import CTRDataset
 from srp4ctr.errors import CheckpointError
 from srp4ctr.models import ModelConfig
 from srp4ctr.train import TrainConfig, evaluate, finetune, load_checkpoint, load_model, pretrain
@@ -90,18 +91,35 @@ def test_checkpoint_of_another_dataset_is_refused(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes(tiny, tmp_path):
-    """DDP with gloo: two CPU processes train; rank 0's checkpoint loads and evaluates."""
+    """DDP with gloo: two CPU processes train on the memory-mapped dataset, each on its own
+    disjoint shard of every epoch; rank 0's checkpoint loads and evaluates. A pre-training with
+    the sampled item head (sparse gradients) runs under DDP too."""
     script = tmp_path / "ddp_job.py"
     script.write_text(
         "import sys, json\n"
+        "import numpy as np\n"
         "from srp4ctr import data\n"
+        "import srp4ctr.train.loop as L\n"
         "from srp4ctr.models import ModelConfig\n"
-        "from srp4ctr.train import TrainConfig, finetune\n"
+        "from srp4ctr.train import TrainConfig, finetune, pretrain\n"
+        "shards = []\n"
+        "_orig = L.iterate_batches\n"
+        "def spy(dataset, order, *a, **k):\n"
+        "    if 'rng' in k:  # the training loop's call: this rank's shard of the epoch\n"
+        "        shards.append(np.asarray(order).tolist())\n"
+        "    return _orig(dataset, order, *a, **k)\n"
+        "L.iterate_batches = spy\n"
         f"ds = data.load_prepared({str(tiny.cache_dir)!r})\n"
+        "assert not ds.item.flags.writeable  # memory-mapped\n"
         f"res = finetune(ds, {str(tmp_path / 'ddp')!r}, kind='srp4ctr', "
         f"model_config=ModelConfig(**{TINY!r}), "
         "train_config=TrainConfig(epochs=2, batch_size=32, progress=False, num_threads=1))\n"
+        f"pre = pretrain(ds, None, model_config=ModelConfig(**{TINY!r}, softmax='sampled', "
+        "n_sampled=8), train_config=TrainConfig(epochs=1, batch_size=8, progress=False, "
+        "num_threads=1, max_steps_per_epoch=3))\n"
+        "assert pre['softmax']['item'].startswith('sampled softmax')\n"
         "import torch.distributed as dist\n"
+        "print('SHARDS', dist.get_rank(), json.dumps(shards[:2]))\n"
         "print('RESULT', dist.get_rank(), dist.get_world_size(), json.dumps(res['test']))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -116,5 +134,13 @@ def test_torchrun_two_processes(tiny, tmp_path):
     assert all(l.split()[2] == "2" for l in results)
     # both ranks gathered the same evaluation
     assert results[0].split(" ", 3)[3] == results[1].split(" ", 3)[3]
+    shards = {l.split()[1]: json.loads(l.split(" ", 2)[2]) for l in proc.stdout.splitlines()
+              if l.startswith("SHARDS")}
+    n_train = len(CTRDataset(tiny, "train", max_len=TINY["max_len"]))
+    for epoch in range(2):  # each epoch: disjoint, equal shards covering all but a remainder
+        a, b = set(shards["0"][epoch]), set(shards["1"][epoch])
+        assert len(a) == len(b) == n_train // 2 and not a & b
+        assert a | b <= set(range(n_train))
+    assert shards["0"][0] != shards["0"][1]  # reshuffled per epoch
     again = evaluate(tmp_path / "ddp", tiny, split="test")
     assert again["auc"] == pytest.approx(json.loads(results[0].split(" ", 3)[3])["auc"], abs=1e-6)

@@ -4,7 +4,8 @@ Every sample is a window of one user's flat, time-ordered rows: the history is t
 ``[start, end)`` of that user, oldest first. Three sample sets:
 
 - :class:`PretrainDataset` -- the training part of each user's sequence (pre-training input);
-- :class:`CTRDataset` -- one sample per interaction of a split (history strictly before it);
+- :class:`CTRDataset` -- one sample per interaction of a split (history: the rows before it in
+  the time order, or with ``strict_time=True`` only those of a strictly earlier timestamp);
 - :class:`NextItemDataset` -- the first validation (or test) interaction of each user as a
   next-item target.
 
@@ -38,7 +39,10 @@ __all__ = [
     "NextItemDataset",
     "PretrainDataset",
     "collate",
+    "same_second_history_share",
     "sample_negatives",
+    "strict_history_end",
+    "subset_indices",
 ]
 
 _FLOAT_KEYS = ("label",)
@@ -84,6 +88,53 @@ def sample_negatives(
         cols = np.nonzero(bad[r])[0]
         out[r, cols] = rng.choice(free, size=cols.size) if free.size else 0
     return out
+
+
+def strict_history_end(ds: PreparedDataset, rows: np.ndarray) -> np.ndarray:
+    """Per flat row: the end of its strict-time history, the first row of the same user whose
+    timestamp is not earlier than the row's (int64, same shape as ``rows``). Rows before it are
+    exactly that user's interactions strictly earlier in time; ``end == row`` unless interactions
+    of the same second precede the row in the (timestamp, raw item id) order.
+
+    Vectorised: a binary search within each row's user (``ds.user_offsets``), run for all rows
+    at once (``np.searchsorted(ts[user_start:row], ts[row], "left")`` per row), over the rows
+    that have a same-second predecessor only; about log2(longest user) numpy passes, no loop
+    over rows or users.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    out = rows.copy()
+    if rows.size == 0:
+        return out
+    ts = ds.timestamp
+    ustart = np.asarray(ds.user_offsets)[ds.user[rows].astype(np.int64) - 1]
+    prev = np.maximum(rows - 1, 0)
+    tie = (rows > ustart) & (ts[prev] == ts[rows])
+    if not tie.any():
+        return out
+    t = ts[rows[tie]]
+    lo = ustart[tie].copy()  # every row of the user before lo is earlier than t
+    hi = prev[tie].copy()  # row hi has timestamp t (the answer is <= hi)
+    while True:
+        active = lo < hi
+        if not active.any():
+            break
+        mid = (lo + hi) >> 1  # lo <= mid <= hi: a row of the user
+        earlier = ts[mid] < t
+        lo = np.where(active & earlier, mid + 1, lo)
+        hi = np.where(active & ~earlier, mid, hi)
+    out[tie] = lo
+    return out
+
+
+def same_second_history_share(ds: PreparedDataset, split: str | int) -> float:
+    """The share of the interactions of ``split`` (the CTR samples without sampled negatives)
+    whose default history holds at least one interaction of the same user with the same
+    timestamp as the candidate (rated in the same second, ordered before it by raw item id):
+    the samples whose history ``strict_time=True`` shortens. NaN for an empty split."""
+    rows = np.flatnonzero(ds.split == split_index(split)).astype(np.int64)
+    if rows.size == 0:
+        return float("nan")
+    return float(np.mean(strict_history_end(ds, rows) < rows))
 
 
 class _WindowSamples(torch.utils.data.Dataset):
@@ -274,6 +325,14 @@ class CTRDataset(_WindowSamples):
     candidates are drawn uniformly (with replacement) from the items the user never interacted
     with in any split (label 0). Interactions with label 0 give no sample. The draw is
     deterministic given ``seed``; ``set_epoch(e)`` redraws with ``seed + e``.
+
+    ``strict_time=True``: each history holds only interactions with a timestamp strictly earlier
+    than the candidate interaction's (the up to ``max_len`` latest of them): interactions of the
+    same second, which the default order puts before the candidate by raw item id, are left out
+    (:func:`strict_history_end`). Samples, candidates and labels are the same either way; a
+    history without a same-second predecessor is the same either way.
+    ``same_second_share()``: the share of the samples whose default history has such an
+    interaction.
     """
 
     kind = "ctr"
@@ -287,9 +346,13 @@ class CTRDataset(_WindowSamples):
         seed: int = 0,
         *,
         n_negatives: int = 1,
+        strict_time: bool = False,
         **kw: Any,
     ):
         super().__init__(ds, max_len, **kw)
+        if not isinstance(strict_time, (bool, np.bool_)):
+            raise InputError(f"strict_time must be True or False, got {strict_time!r}")
+        self.strict_time = bool(strict_time)
         if negatives not in (None, "uni100"):
             raise InputError(f"negatives must be None or 'uni100', got {negatives!r}")
         if int(n_negatives) < 1:
@@ -300,7 +363,7 @@ class CTRDataset(_WindowSamples):
         self.seed = int(seed)
         rows = np.flatnonzero(ds.split == self.split).astype(np.int64)
         if negatives is None:
-            self._set(ds.user[rows], rows, rows)
+            self._set(ds.user[rows], self._history_end(rows), rows)
             self.extras = {"cand_item": ds.item[rows].astype(np.int64), "label": ds.label[rows].copy()}
         else:
             self._pos_rows = rows[ds.label[rows] == 1]
@@ -317,8 +380,18 @@ class CTRDataset(_WindowSamples):
         label = label.reshape(-1)
         rows = np.repeat(pos, 1 + k)
         keep = cand > 0  # a user who has seen every item has no negatives
-        self._set(ds.user[rows][keep], rows[keep], rows[keep])
+        self._set(ds.user[rows][keep], self._history_end(rows[keep]), rows[keep])
         self.extras = {"cand_item": cand[keep], "label": label[keep]}
+
+    def _history_end(self, rows: np.ndarray) -> np.ndarray:
+        return strict_history_end(self.ds, rows) if self.strict_time else rows
+
+    def same_second_share(self) -> float:
+        """The share of these samples whose default (not strict-time) history holds an
+        interaction of the candidate's second (NaN without samples)."""
+        if len(self) == 0:
+            return float("nan")
+        return float(np.mean(strict_history_end(self.ds, self.rows) < self.rows))
 
     def set_epoch(self, epoch: int) -> None:
         """Redraw the uni100 negatives with ``seed + epoch`` (no-op without negatives)."""
@@ -333,6 +406,9 @@ class NextItemDataset(_WindowSamples):
     training and validation parts), the last ``max_len``. Users without an interaction in the
     split are skipped. ``n_negatives``: also ``neg_item [B, n]``, items the user never
     interacted with (uniform, with replacement, drawn once with ``seed``), for sampled ranking.
+    ``strict_time=True``: the history holds only interactions strictly earlier in time than the
+    target (as :class:`CTRDataset`'s). ``max_samples``: only the targets
+    :func:`subset_indices` keeps (seeded by ``subset_seed``), chosen before any negative is drawn.
     """
 
     kind = "next_item"
@@ -345,9 +421,15 @@ class NextItemDataset(_WindowSamples):
         *,
         n_negatives: int | None = None,
         seed: int = 0,
+        strict_time: bool = False,
+        max_samples: int | None = None,
+        subset_seed: int = 0,
         **kw: Any,
     ):
         super().__init__(ds, max_len, **kw)
+        if not isinstance(strict_time, (bool, np.bool_)):
+            raise InputError(f"strict_time must be True or False, got {strict_time!r}")
+        self.strict_time = bool(strict_time)
         s = split_index(split)
         if s == 0:
             raise InputError("NextItemDataset takes split 'valid' or 'test'")
@@ -357,7 +439,10 @@ class NextItemDataset(_WindowSamples):
         first = np.ones(rows.size, dtype=bool)
         first[1:] = u[1:] != u[:-1]
         rows = rows[first]
-        self._set(ds.user[rows], rows, rows)
+        keep = subset_indices(rows.size, max_samples, subset_seed)
+        if keep is not None:  # before the negatives: at 1M users they are 800 MB per split
+            rows = rows[keep]
+        self._set(ds.user[rows], strict_history_end(ds, rows) if self.strict_time else rows, rows)
         self.extras = {"target_item": ds.item[rows].astype(np.int64)}
         if n_negatives is not None:
             if int(n_negatives) < 1:
@@ -365,6 +450,16 @@ class NextItemDataset(_WindowSamples):
             self.extras["neg_item"] = sample_negatives(
                 ds, self.users, int(n_negatives), np.random.default_rng(seed)
             )
+
+
+def subset_indices(n: int, max_samples: int | None, seed: int) -> np.ndarray | None:
+    """A fixed subset of ``max_samples`` of ``range(n)`` in increasing order, drawn with
+    ``seed`` (None: all, also when ``max_samples >= n``): the evaluated samples of a large
+    split."""
+    if max_samples is None or max_samples >= n:
+        return None
+    return np.sort(np.random.default_rng([seed, 7]).choice(n, size=int(max_samples),
+                                                           replace=False))
 
 
 def collate(samples: Sequence[dict[str, Any]], pad_to: int | None = None) -> dict[str, torch.Tensor]:

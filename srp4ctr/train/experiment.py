@@ -5,12 +5,31 @@ every CTR model on the same split and evaluate on the test split. The ``gbdt`` b
 (:mod:`srp4ctr.train.gbdt`, LightGBM on statistics of the same samples' histories) trains beside
 them, with no pre-training. Results are written after each run, so an interrupted experiment
 keeps what it finished and ``resume=True`` skips it.
+
+Two protocol details (:func:`protocol_text` states both next to the numbers):
+
+- **Long tail.** Every run also reports its test metrics split by the candidate item's training
+  count (``test_by_popularity``, :func:`metrics_by_popularity`): *tail* = test samples whose
+  candidate item has at most ``T`` training-split interactions, where ``T`` is the 20th
+  percentile of the training counts of **all** catalogue items (items 1..n_items, an item
+  without training interactions counted as 0), taken as the nearest rank (the
+  ``ceil(0.2 n)``-th smallest count). Items tied at ``T`` all belong to the tail, so the tail
+  may hold more than 20% of the catalogue; items never seen in training are always tail.
+  *Head* = the rest. The threshold depends on the dataset only: the same for every model, seed
+  and negatives variant.
+- **Strict time.** ``strict_time=True`` (``srp4ctr experiment --strict-time``) restricts every
+  CTR sample's history to interactions strictly earlier in time than the candidate
+  (:class:`~srp4ctr.data.samples.CTRDataset`), for the deep models and the GBDT baseline; by
+  default interactions of the same second that sort before the candidate are in its history.
+  Pre-training is the same either way. One results folder holds one protocol: resuming into a
+  folder of the other is an :class:`~srp4ctr.errors.InputError`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -52,18 +71,105 @@ GBDT_KINDS = ("gbdt",)
 
 METRICS = ("auc", "gauc", "logloss")
 
+#: the long-tail analysis: the tail is the bottom TAIL_SHARE of the catalogue by training count
+TAIL_SHARE = 0.2
+POPULARITY_GROUPS = ("tail", "head")
 
-def protocol_text(ds, max_len: int, seeds: list[int], negatives: str | None) -> str:
+
+def item_train_counts(ds) -> np.ndarray:
+    """Training-split interactions of every internal item id, int64 [n_items + 2] (0 for the
+    padding id 0, the out-of-vocabulary id n_items + 1 and items never in the training split)."""
+    items = np.asarray(ds.item)[np.asarray(ds.split) == 0].astype(np.int64)
+    return np.bincount(items, minlength=ds.n_items + 2)[: ds.n_items + 2]
+
+
+def popularity_threshold(ds, counts: np.ndarray | None = None,
+                         tail_share: float = TAIL_SHARE) -> int:
+    """The tail's largest training count ``T``: the nearest-rank ``tail_share`` percentile of
+    the training counts of all catalogue items 1..n_items (zero-count items included), i.e. the
+    ``ceil(tail_share * n_items)``-th smallest count. An item is tail when its count is <= T."""
+    counts = item_train_counts(ds) if counts is None else np.asarray(counts, np.int64)
+    cat = np.sort(counts[1 : ds.n_items + 1])
+    if cat.size == 0:
+        return 0
+    k = min(cat.size, max(1, math.ceil(round(tail_share * cat.size, 9))))
+    return int(cat[k - 1])
+
+
+def popularity_info(ds, tail_share: float = TAIL_SHARE) -> dict:
+    """The split of the catalogue: threshold, and how many items fall in the tail."""
+    counts = item_train_counts(ds)
+    t = popularity_threshold(ds, counts, tail_share)
+    cat = counts[1 : ds.n_items + 1]
+    return {"tail_share": tail_share, "threshold": t, "catalogue_items": int(cat.size),
+            "tail_items": int((cat <= t).sum()), "untrained_items": int((cat == 0).sum())}
+
+
+def metrics_by_popularity(ds, user: np.ndarray, label: np.ndarray, prob: np.ndarray,
+                          cand_item: np.ndarray, tail_share: float = TAIL_SHARE) -> dict:
+    """CTR metrics of the samples split by their candidate item's training count.
+
+    ``{"tail": {auc, gauc, logloss, n, threshold, items}, "head": {...}}``: tail = candidates
+    whose item has at most ``threshold`` (:func:`popularity_threshold`) training-split
+    interactions, head = the rest; ``items`` = distinct candidate items of the group. A group
+    without samples has NaN metrics and ``n`` 0; AUC and gAUC are NaN for a group of one class.
+    """
+    from srp4ctr import metrics
+
+    counts = item_train_counts(ds)
+    t = popularity_threshold(ds, counts, tail_share)
+    cand = np.asarray(cand_item, dtype=np.int64).reshape(-1)
+    user, label, prob = (np.asarray(a).reshape(-1) for a in (user, label, prob))
+    if not cand.size == user.size == label.size == prob.size:
+        raise ValueError(f"{cand.size} candidates for {label.size} predictions")
+    tail = counts[cand] <= t
+    out = {}
+    for name, m in (("tail", tail), ("head", ~tail)):
+        n = int(m.sum())
+        if n:
+            res = {"auc": float(metrics.auc(label[m], prob[m])),
+                   "gauc": float(metrics.gauc(user[m], label[m], prob[m])),
+                   "logloss": float(metrics.logloss(label[m], prob[m]))}
+        else:
+            res = {k: float("nan") for k in METRICS}
+        out[name] = {**res, "n": n, "threshold": t, "items": int(np.unique(cand[m]).size)}
+    return out
+
+
+def protocol_text(ds, max_len: int, seeds: list[int], negatives: str | None, *,
+                  strict_time: bool = False, same_second: float | None = None,
+                  popularity: dict | None = None) -> str:
     sample = ("every interaction of the split is a sample, label = rating >= 4"
               if negatives is None else f"sampled negatives ({negatives})")
+    if strict_time:
+        history = (f"{max_len} interactions of the same user with a timestamp strictly earlier "
+                   "than the candidate's (strict-time protocol: interactions of the same second "
+                   "are left out")
+    else:
+        history = (f"{max_len} earlier interactions of the same user in the (timestamp, raw item "
+                   "id) order (interactions of the same second that sort before the candidate "
+                   "included")
+    if same_second is not None and np.isfinite(same_second):
+        history += (f"; {same_second:.1%} of test samples have such a same-second interaction "
+                    "in the default history")
+    history += ")"
+    pop = ""
+    if popularity:
+        pop = (
+            f" Long tail: tail = test samples whose candidate item has at most "
+            f"{popularity['threshold']} training interactions, the 20th percentile (nearest rank) "
+            f"of the training counts of all {popularity['catalogue_items']} catalogue items, items "
+            "without training interactions counted as 0 and always tail; every item tied at the "
+            f"threshold is tail ({popularity['tail_items']} items, "
+            f"{popularity['tail_items'] / max(popularity['catalogue_items'], 1):.1%} of the "
+            "catalogue); head = the rest.")
     return (
         f"{ds.name}: {ds.n_users} users, {ds.n_items} items, {len(ds.item)} interactions. "
         "Per-user time-ordered split by position (first 80% train, next 10% validation, last 10% "
-        "test). CTR samples: " + sample + "; history = up to "
-        f"{max_len} earlier interactions of the same user. Pre-training sees training "
-        "interactions only. Metrics on the test split: AUC; gAUC = per-user AUC weighted by the "
-        "user's sample count, users with one class skipped; logloss. Early stopping and model "
-        f"choice on validation AUC only. Seeds {seeds}."
+        "test). CTR samples: " + sample + "; history = up to " + history + ". Pre-training sees "
+        "training interactions only. Metrics on the test split: AUC; gAUC = per-user AUC "
+        "weighted by the user's sample count, users with one class skipped; logloss. Early "
+        f"stopping and model choice on validation AUC only. Seeds {seeds}." + pop
     )
 
 
@@ -71,7 +177,7 @@ def run_experiment(
     ds, out: str | os.PathLike, *, seeds: int | list[int] = 5, models: list[str] | None = None,
     model_config=None, train_config: TrainConfig | None = None, resume: bool = True,
     progress: bool = True, pretrain_config: TrainConfig | None = None, jobs: int = 1,
-    pretrain_model_config=None,
+    pretrain_model_config=None, strict_time: bool = False,
 ) -> dict:
     """Run every (model, seed) not finished yet in ``out`` and write the tables.
 
@@ -80,8 +186,12 @@ def run_experiment(
     on few cores gain more from running side by side than from more threads per run. A
     fine-tuning run starts once the pre-training it needs (same seed) has finished.
     ``pretrain_model_config`` (default ``model_config``) may differ from it only in settings that
-    do not change the architecture (dropout, mask rate).
+    do not change the architecture (dropout, mask rate). ``strict_time``: CTR histories hold only
+    interactions strictly earlier than the candidate (see the module docstring); a folder holds
+    results of one setting only (resuming into one of the other is an ``InputError``).
     """
+    from srp4ctr.data.samples import same_second_history_share
+    from srp4ctr.errors import InputError
     from srp4ctr.models import ModelConfig
 
     out = Path(out)
@@ -89,13 +199,12 @@ def run_experiment(
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     models = list(models or VARIANTS)
     if not isinstance(jobs, int) or jobs < 1:
-        from srp4ctr.errors import InputError
-
         raise InputError(f"jobs must be an integer >= 1, got {jobs!r}")
+    if not isinstance(strict_time, (bool, np.bool_)):
+        raise InputError(f"strict_time must be True or False, got {strict_time!r}")
+    strict_time = bool(strict_time)
     unknown = [m for m in models if m not in VARIANTS]
     if unknown:
-        from srp4ctr.errors import InputError
-
         raise InputError(f"unknown model keys {unknown}; known: {list(VARIANTS)}")
     if any(VARIANTS[m].kind in GBDT_KINDS for m in models):
         from srp4ctr.train.gbdt import require_lightgbm
@@ -110,17 +219,30 @@ def run_experiment(
     if results is None or results.get("dataset") != ds.name or results.get("fingerprint") != ds.fingerprint:
         results = {"dataset": ds.name, "fingerprint": ds.fingerprint, "runs": {}, "pretrain": {},
                    "details": {}}
-    results["protocol"] = protocol_text(ds, mcfg.max_len, seeds, tcfg.negatives)
+    elif bool(results.get("strict_time", False)) != strict_time:
+        # results.json from before the option: the default protocol (strict_time false)
+        raise InputError(
+            f"{results_path}: holds results of strict_time={bool(results.get('strict_time'))}; "
+            f"this experiment asks for strict_time={strict_time}: results of the two protocols "
+            "are never mixed in one folder (use another --out, or --no-resume to replace them)")
+    results["strict_time"] = strict_time
+    results["same_second_history_share"] = {
+        name: same_second_history_share(ds, name) for name in ("train", "valid", "test")}
+    results["popularity"] = popularity_info(ds)
+    results["protocol"] = protocol_text(
+        ds, mcfg.max_len, seeds, tcfg.negatives, strict_time=strict_time,
+        same_second=results["same_second_history_share"]["test"],
+        popularity=results["popularity"])
     results["model_config"] = mcfg.to_dict()
     results["train_config"] = tcfg.to_dict()
     results["pretrain_config"] = pcfg.to_dict()
     results["pretrain_model_config"] = pmcfg.to_dict()
     results["machine"] = machine_info()
     results["seeds"] = seeds
-    _write_resolved(out, ds, mcfg, pmcfg, tcfg, pcfg, seeds, models, jobs)
+    _write_resolved(out, ds, mcfg, pmcfg, tcfg, pcfg, seeds, models, jobs, strict_time)
     t_start = time.perf_counter()
     tasks = _plan(results, seeds, models, out, mcfg, pmcfg, tcfg, pcfg,
-                  progress and jobs == 1)
+                  progress and jobs == 1, strict_time)
     threads = _threads_per_job(tcfg, jobs)
     results["parallel"] = {"jobs": jobs, "threads_per_job": threads}
 
@@ -145,6 +267,7 @@ def run_experiment(
                 if str(s) in results["details"].get(m, {})] for k in METRICS}
         for m in models
     }
+    results["runs_by_popularity"] = popularity_runs(results, seeds, models)
     results["throughput"] = throughput_summary(results)
     results["cost"] = cost_table(mcfg)
     results["wall_seconds_this_call"] = time.perf_counter() - t_start
@@ -174,8 +297,8 @@ class _Task:
         return (self.kind, self.name, self.seed)
 
 
-def _plan(results, seeds, models, out: Path, mcfg, pmcfg, tcfg, pcfg, progress: bool
-          ) -> list[_Task]:
+def _plan(results, seeds, models, out: Path, mcfg, pmcfg, tcfg, pcfg, progress: bool,
+          strict_time: bool = False) -> list[_Task]:
     """The runs still to do, in the order they should start."""
     tasks = []
     ordered = sorted(models, key=lambda m: _ORDER.index(m) if m in _ORDER else len(_ORDER))
@@ -203,7 +326,7 @@ def _plan(results, seeds, models, out: Path, mcfg, pmcfg, tcfg, pcfg, progress: 
                 "finetune", m, seed, str(out / "runs" / f"seed{seed}" / m),
                 {"kind": v.kind, "model_config": mc, "train_config": tc,
                  "pretrained": str(pre_dirs[v.pretrain]) if v.pretrain else None,
-                 "name": f"{m} seed {seed}"}, needs))
+                 "name": f"{m} seed {seed}", "strict_time": strict_time}, needs))
     return tasks
 
 
@@ -279,7 +402,8 @@ def _run_tasks(tasks: list[_Task], ds, jobs: int, threads: int, record) -> None:
 CONFIG_FILE = "config.yaml"
 
 
-def _write_resolved(out: Path, ds, mcfg, pmcfg, tcfg, pcfg, seeds, models, jobs) -> None:
+def _write_resolved(out: Path, ds, mcfg, pmcfg, tcfg, pcfg, seeds, models, jobs,
+                    strict_time: bool = False) -> None:
     from srp4ctr.data.recorded import dataset_record
     from srp4ctr.runconfig import PRETRAIN_MODEL_KEYS, write_run_config
 
@@ -290,7 +414,8 @@ def _write_resolved(out: Path, ds, mcfg, pmcfg, tcfg, pcfg, seeds, models, jobs)
     write_run_config(out / CONFIG_FILE, {
         "dataset": dataset, "model": mcfg.to_dict(), "pretrain_model": pre_model,
         "finetune": tcfg.to_dict(), "pretrain": pcfg.to_dict(),
-        "experiment": {"seeds": list(seeds), "models": list(models), "jobs": int(jobs)},
+        "experiment": {"seeds": list(seeds), "models": list(models), "jobs": int(jobs),
+                       "strict_time": bool(strict_time)},
     }, f"the settings of this experiment: srp4ctr experiment --config {CONFIG_FILE} --out DIR "
        "repeats it")
 
@@ -362,6 +487,27 @@ def cost_table(mcfg, candidates=(1, 100)) -> list[dict]:
     return rows
 
 
+def popularity_runs(results: dict, seeds=None, models=None) -> dict:
+    """Per model, one value per seed (in seed order) of the tail and head test metrics and of
+    the AUC gap (head - tail), from the runs' ``test_by_popularity``; runs recorded before the
+    analysis existed are left out, models with none of it too."""
+    details = results.get("details", {})
+    seeds = [str(s) for s in (results.get("seeds", []) if seeds is None else seeds)]
+    out = {}
+    for m in (details if models is None else models):
+        per_seed = [details.get(m, {}).get(s, {}).get("test_by_popularity") for s in seeds]
+        per_seed = [p for p in per_seed if isinstance(p, dict) and
+                    all(isinstance(p.get(g), dict) for g in POPULARITY_GROUPS)]
+        if not per_seed:
+            continue
+        row = {g: {k: [float(p[g].get(k, float("nan"))) for p in per_seed]
+                   for k in (*METRICS, "n")} for g in POPULARITY_GROUPS}
+        row["auc_gap"] = [h - t for h, t in zip(row["head"]["auc"], row["tail"]["auc"])]
+        row["threshold"] = [p["tail"].get("threshold") for p in per_seed]
+        out[m] = row
+    return out
+
+
 def _mean_std(xs) -> str:
     if not xs:
         return "—"
@@ -380,6 +526,7 @@ def write_markdown(path: Path, results: dict) -> None:
             f"| `{m}` ({label}) | {_mean_std(vals['auc'])} | {_mean_std(vals['gauc'])} | "
             f"{_mean_std(vals['logloss'])} | {_mean_std(results['valid_runs'][m]['auc'])} |"
         )
+    lines += _popularity_lines(results)
     if results.get("pretrain"):
         lines += ["", "## Pre-training (next-item prediction, test: each user's first test item)", "",
                   "| pre-training | HR@10 | NDCG@10 | HR@10 (100 neg.) | NDCG@10 (100 neg.) |",
@@ -406,6 +553,46 @@ def write_markdown(path: Path, results: dict) -> None:
     lines += ["", f"Machine: {mi['processor']}, {mi['cpu_count']} CPUs, torch {mi['torch']}, "
               f"{mi['threads']} threads."]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _popularity_lines(results: dict) -> list[str]:
+    """The long-tail table; none for results recorded before the analysis existed."""
+    pop = results.get("runs_by_popularity")
+    if pop is None:
+        pop = popularity_runs(results)
+    if not pop:
+        return []
+    models = list(results.get("runs") or pop)
+    info = results.get("popularity") or {}
+    t = info.get("threshold")
+    if t is None:
+        ts = sorted({x for r in pop.values() for x in r.get("threshold", []) if x is not None})
+        t = ts[0] if len(ts) == 1 else None
+    lines = ["", (f"## Test AUC by candidate popularity (tail = bottom {TAIL_SHARE:.0%} of "
+                  "items by training count)"), ""]
+    if t is not None:
+        lines += [(f"Tail: test samples whose candidate item has at most {t} training-split "
+                   "interactions (the 20th percentile of all catalogue items' training counts; "
+                   "ties at the threshold and items never in training are tail); head: the "
+                   "rest. Gap = head AUC - tail AUC, per seed; mean ± sample standard deviation "
+                   "over seeds; samples: the mean per run."), ""]
+    lines += [("| model | tail AUC | head AUC | gap (head − tail) | tail gAUC | head gAUC | "
+               "tail samples | head samples |"), "|---|---|---|---|---|---|---|---|"]
+
+    def n_text(xs) -> str:
+        return "—" if not xs else f"{np.mean(xs):.0f}"
+
+    for m in models:
+        r = pop.get(m)
+        if r is None:  # runs from before the analysis
+            lines.append(f"| {m} | — | — | — | — | — | — | — |")
+            continue
+        lines.append(
+            f"| {m} | {_mean_std(r['tail']['auc'])} | {_mean_std(r['head']['auc'])} "
+            f"| {_mean_std(r['auc_gap'])} | {_mean_std(r['tail']['gauc'])} | "
+            f"{_mean_std(r['head']['gauc'])} | {n_text(r['tail']['n'])} | "
+            f"{n_text(r['head']['n'])} |")
+    return lines
 
 
 def plot_results(path: Path, results: dict) -> None:

@@ -479,7 +479,7 @@ def lightgbm_params(config: GBDTConfig, seed: int, threads: int) -> dict:
 def train_gbdt(
     ds, out_dir: str | os.PathLike | None, *, model_config=None, train_config=None,
     gbdt_config: GBDTConfig | None = None, name: str | None = None, kind: str = "gbdt",
-    pretrained: None = None,
+    pretrained: None = None, strict_time: bool = False,
 ) -> dict:
     """Train and evaluate the GBDT baseline; the result has the deep models' shape
     (:func:`srp4ctr.train.loop.finetune`): ``valid`` and ``test`` metric dicts (``auc``,
@@ -489,6 +489,10 @@ def train_gbdt(
     ``train_config`` gives ``seed``, ``num_threads``, ``negatives`` (and ``eval_max_samples``,
     the same evaluated subset as the deep models', where the config has it). ``out_dir`` (if given)
     gets ``model.txt`` (LightGBM's text format), ``features.json`` and ``metrics.json``.
+    ``strict_time``: the samples' histories (so every history feature) hold only interactions
+    strictly earlier than the candidate, as the deep models' with the same flag
+    (:class:`~srp4ctr.data.samples.CTRDataset`); ``test_by_popularity`` as theirs
+    (:func:`srp4ctr.train.experiment.metrics_by_popularity`).
     """
     from srp4ctr.data.recorded import dataset_record
     from srp4ctr.data.samples import CTRDataset
@@ -505,15 +509,18 @@ def train_gbdt(
     require_two_classes(ds, tcfg.negatives)
     threads = _threads(tcfg)
     t0 = time.perf_counter()
-    tables = {}
+    strict_time = bool(strict_time)
+    tables, cands = {}, {}
     for split in ("train", "valid", "test"):
         samples = CTRDataset(ds, split, max_len=mcfg.max_len, negatives=tcfg.negatives,
-                             seed=tcfg.seed)
+                             seed=tcfg.seed, strict_time=strict_time)
         tables[split] = ctr_features(samples, gcfg)
+        cands[split] = samples.extras["cand_item"].astype(np.int64)
     for split in ("valid", "test"):  # the deep models' evaluated subset, where they take one
         keep = eval_indices(len(tables[split]), tcfg)
         if keep is not None:
             tables[split] = tables[split].subset(keep)
+            cands[split] = cands[split][keep]
     feature_seconds = time.perf_counter() - t0
     tr, va, te = tables["train"], tables["valid"], tables["test"]
     if len(tr) == 0 or len(va) == 0:
@@ -537,8 +544,12 @@ def train_gbdt(
     train_seconds = time.perf_counter() - t1
     best = int(booster.best_iteration) or booster.current_iteration()
     valid = _metrics(va.user, va.label, booster.predict(va.X, num_iteration=best))
-    test = _metrics(te.user, te.label, booster.predict(te.X, num_iteration=best)) if len(te) \
+    test_prob = booster.predict(te.X, num_iteration=best) if len(te) else np.zeros(0)
+    test = _metrics(te.user, te.label, test_prob) if len(te) \
         else {"auc": float("nan"), "gauc": float("nan"), "logloss": float("nan"), "n": 0}
+    from srp4ctr.train.experiment import metrics_by_popularity
+
+    by_popularity = metrics_by_popularity(ds, te.user, te.label, test_prob, cands["test"])
     rec = evals.get("valid", {})
     history = [{"round": i + 1, "auc": float(a), "logloss": float(ll)}
                for i, (a, ll) in enumerate(zip(rec.get("auc", []),
@@ -553,8 +564,10 @@ def train_gbdt(
         "name": name or kind,
         "dataset": dataset_record(ds),
         "pretrained": None,
+        "strict_time": strict_time,
         "valid": valid,
         "test": test,
+        "test_by_popularity": by_popularity,
         "history": history,
         "train_seconds": train_seconds + feature_seconds,
         "feature_seconds": feature_seconds,

@@ -243,10 +243,9 @@ _LOGITS_BUDGET = 1 << 25
 def eval_indices(n: int, cfg: TrainConfig) -> np.ndarray | None:
     """The evaluated samples of a split of ``n``: all (None), or with ``cfg.eval_max_samples`` a
     fixed subset of that many (seeded by ``cfg.seed``, in sample order)."""
-    m = cfg.eval_max_samples
-    if m is None or m >= n:
-        return None
-    return np.sort(np.random.default_rng([cfg.seed, 7]).choice(n, size=m, replace=False))
+    from srp4ctr.data.samples import subset_indices
+
+    return subset_indices(n, cfg.eval_max_samples, cfg.seed)
 
 
 @torch.no_grad()
@@ -415,10 +414,12 @@ def pretrain(
     model = entry.build(spec, mcfg).to(cfg.device)
     model.attach_samplers(_samplers(model, ds, cfg.device))
     train_set = PretrainDataset(ds, max_len=mcfg.max_len, windows=windows)
+    # the evaluated targets (cfg.eval_max_samples) are chosen before the negatives are drawn
+    subset = {"max_samples": cfg.eval_max_samples, "subset_seed": cfg.seed}
     valid_set = NextItemDataset(ds, split="valid", max_len=mcfg.max_len, n_negatives=100,
-                                seed=cfg.seed)
+                                seed=cfg.seed, **subset)
     test_set = NextItemDataset(ds, split="test", max_len=mcfg.max_len, n_negatives=100,
-                               seed=cfg.seed)
+                               seed=cfg.seed, **subset)
     step_model = _wrap(model, "pretrain_loss", world, cfg.device)
 
     def loss_fn(m, batch):
@@ -427,8 +428,7 @@ def pretrain(
 
     def validate():
         return next_item_metrics(model, valid_set, device=cfg.device, world=world,
-                                 batch_size=cfg.eval_batch_size,
-                                 indices=eval_indices(len(valid_set), cfg))
+                                 batch_size=cfg.eval_batch_size)
 
     t0 = time.perf_counter()
     history, _, best = _train_epochs(
@@ -436,8 +436,7 @@ def pretrain(
         loss_fn=loss_fn, validate=validate, monitor="ndcg@10", lengths=None, desc=kind,
     )
     test = next_item_metrics(model, test_set, device=cfg.device, world=world,
-                             batch_size=cfg.eval_batch_size,
-                             indices=eval_indices(len(test_set), cfg))
+                             batch_size=cfg.eval_batch_size)
     valid = _best_record(history, best["best_epoch"], exclude=_TRAIN_KEYS)
     result = {
         "kind": kind,
@@ -547,7 +546,7 @@ def require_two_classes(ds, negatives: str | None) -> None:
 def finetune(
     ds, out_dir: str | os.PathLike | None, *, kind: str = "srp4ctr", model_config=None,
     train_config: TrainConfig | None = None, pretrained: str | os.PathLike | None = None,
-    name: str | None = None,
+    name: str | None = None, strict_time: bool = False,
 ) -> dict:
     """Train a model of a ``"ctr"`` kind of :mod:`srp4ctr.models.registry` (``srp4ctr``,
     ``din``, ``bst``, ``user_vector``) with BCE.
@@ -555,6 +554,10 @@ def finetune(
     ``pretrained`` is a pre-training checkpoint whose encoder (embeddings and Transformer) the
     SRP4CTR / user-vector models start from; without it they start from random weights.
     Validation AUC after each epoch drives early stopping; the best epoch is evaluated on test.
+    ``strict_time``: every sample's history holds only interactions strictly earlier than its
+    candidate (:class:`~srp4ctr.data.samples.CTRDataset`). The result's ``test_by_popularity``
+    splits the test metrics by the candidate item's training count
+    (:func:`srp4ctr.train.experiment.metrics_by_popularity`).
     """
     from srp4ctr.data.samples import CTRDataset
     from srp4ctr.models import FGBERT, ModelConfig, ModelSpec
@@ -591,9 +594,10 @@ def finetune(
                         "fingerprint": pre_cfg["weights_sha256"],
                         "not_pretrained": sorted(missing)}
     model = entry.build(spec, mcfg, encoder=encoder).to(cfg.device)
-    train_set = CTRDataset(ds, "train", max_len=mcfg.max_len, negatives=cfg.negatives, seed=cfg.seed)
-    valid_set = CTRDataset(ds, "valid", max_len=mcfg.max_len, negatives=cfg.negatives, seed=cfg.seed)
-    test_set = CTRDataset(ds, "test", max_len=mcfg.max_len, negatives=cfg.negatives, seed=cfg.seed)
+    strict_time = bool(strict_time)
+    train_set, valid_set, test_set = (
+        CTRDataset(ds, split, max_len=mcfg.max_len, negatives=cfg.negatives, seed=cfg.seed,
+                   strict_time=strict_time) for split in ("train", "valid", "test"))
     step_model = _wrap(model, "forward", world, cfg.device)
     bce = nn.BCEWithLogitsLoss()
 
@@ -613,16 +617,25 @@ def finetune(
         loss_fn=loss_fn, validate=validate, monitor="auc", lengths=lengths, desc=name or kind,
     )
     valid = _best_record(history, best["best_epoch"], exclude=_TRAIN_KEYS)
-    test = ctr_metrics(predict_ctr(model, test_set, batch_size=cfg.eval_batch_size,
-                                   device=cfg.device, world=world,
-                                   indices=eval_indices(len(test_set), cfg)))
+    test_idx = eval_indices(len(test_set), cfg)
+    test_pred = predict_ctr(model, test_set, batch_size=cfg.eval_batch_size, device=cfg.device,
+                            world=world, indices=test_idx)
+    test = ctr_metrics(test_pred)
+    # predict_ctr returns the samples in index order: the candidates in the same order
+    cand = test_set.extras["cand_item"]
+    cand = cand if test_idx is None else cand[np.sort(test_idx)]
+    from srp4ctr.train.experiment import metrics_by_popularity
+
     result = {
         "kind": kind,
         "name": name or kind,
         "dataset": dataset_record(ds),
         "pretrained": pre_info,
+        "strict_time": strict_time,
         "valid": valid,
         "test": test,
+        "test_by_popularity": metrics_by_popularity(ds, test_pred["user"], test_pred["label"],
+                                                    test_pred["prob"], cand),
         "history": history,
         "train_seconds": time.perf_counter() - t0,
         "samples_per_s": float(np.median([h["train_samples_per_s"] for h in history])),
