@@ -119,8 +119,10 @@ def test_torchrun_two_processes(tiny, tmp_path):
         "num_threads=1, max_steps_per_epoch=3))\n"
         "assert pre['softmax']['item'].startswith('sampled softmax')\n"
         "import torch.distributed as dist\n"
-        "print('SHARDS', dist.get_rank(), json.dumps(shards[:2]))\n"
-        "print('RESULT', dist.get_rank(), dist.get_world_size(), json.dumps(res['test']))\n"
+        f"open({str(tmp_path)!r} + f'/shards{{dist.get_rank()}}.json', 'w')"
+        ".write(json.dumps(shards[:2]))\n"
+        f"open({str(tmp_path)!r} + f'/result{{dist.get_rank()}}.json', 'w').write("
+        "json.dumps([dist.get_rank(), dist.get_world_size(), res['test']]))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -129,13 +131,12 @@ def test_torchrun_two_processes(tiny, tmp_path):
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
-    assert sorted(l.split()[1] for l in results) == ["0", "1"]
-    assert all(l.split()[2] == "2" for l in results)
+    # each rank writes its own file (long lines of two processes on one pipe interleave)
+    results = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in "01"]
+    assert [r[:2] for r in results] == [[0, 2], [1, 2]]
     # both ranks gathered the same evaluation
-    assert results[0].split(" ", 3)[3] == results[1].split(" ", 3)[3]
-    shards = {l.split()[1]: json.loads(l.split(" ", 2)[2]) for l in proc.stdout.splitlines()
-              if l.startswith("SHARDS")}
+    assert results[0][2] == results[1][2]
+    shards = {r: json.loads((tmp_path / f"shards{r}.json").read_text()) for r in "01"}
     n_train = len(CTRDataset(tiny, "train", max_len=TINY["max_len"]))
     for epoch in range(2):  # each epoch: disjoint, equal shards covering all but a remainder
         a, b = set(shards["0"][epoch]), set(shards["1"][epoch])
@@ -143,4 +144,4 @@ def test_torchrun_two_processes(tiny, tmp_path):
         assert a | b <= set(range(n_train))
     assert shards["0"][0] != shards["0"][1]  # reshuffled per epoch
     again = evaluate(tmp_path / "ddp", tiny, split="test")
-    assert again["auc"] == pytest.approx(json.loads(results[0].split(" ", 3)[3])["auc"], abs=1e-6)
+    assert again["auc"] == pytest.approx(results[0][2]["auc"], abs=1e-6)
