@@ -389,3 +389,29 @@ def test_load_prepared_and_env_data_dir(tmp_path, monkeypatch):
         assert again.arrays()[k].dtype == v.dtype
     with pytest.raises(DataError):
         data.load_prepared(tmp_path / "nowhere")
+
+
+def test_building_in_blocks_equals_one_pass(tmp_path, monkeypatch):
+    """The memory-bounded build (ids factorised through a presence table, behaviour tokens
+    computed block by block of whole users) gives the arrays of the plain one-pass way."""
+    from srp4ctr.data import loaders as L
+    from srp4ctr.data import pipeline as P
+
+    rng = np.random.default_rng(5)
+    for ids in (rng.integers(0, 50, 1000), rng.integers(0, 2**40, 300), np.array([7]),
+                rng.integers(0, 2**20, 5000).astype(np.int32), np.array(["b", "a", "b", "c"])):
+        uniq, inv = P._factorize(ids)
+        want_u, want_inv = np.unique(ids, return_inverse=True)
+        assert np.array_equal(uniq, want_u) and uniq.dtype == want_u.dtype
+        assert np.array_equal(inv, want_inv.reshape(-1)) and inv.dtype == np.int32
+    folder = write_ml_dat(tmp_path / "ml", random_ratings(n_users=30, seed=13))
+    one = P.build(L.load_movielens_dat(folder, "ml-1m"), "ml-1m")
+    monkeypatch.setattr(P, "_TOKEN_BLOCK", 7)  # many blocks, cut at user boundaries
+    blocks = P.build(L.load_movielens_dat(folder, "ml-1m"), "ml-1m", consume=True)
+    assert blocks.compute_fingerprint() == one.compute_fingerprint()
+    ts = one.timestamp
+    want = F.behaviour_features(ts, np.asarray(one.value_vocab)[one.behaviour["rating"] - 1],
+                                kind="rating", vocab=one.value_vocab, offsets=one.user_offsets)
+    for f, v in want.items():
+        assert np.array_equal(blocks.behaviour[f], v), f
+        assert blocks.behaviour[f].dtype == np.uint8

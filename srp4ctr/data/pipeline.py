@@ -22,7 +22,6 @@ from srp4ctr.data.dataset import (
     FORMAT_VERSION,
     SPLIT_RULE,
     PreparedDataset,
-    _compact,
     load_prepared,
 )
 from srp4ctr.data.loaders import (
@@ -97,6 +96,54 @@ def _row_field_table(
     return tbl, ["<pad>", *[str(u) for u in uniques.tolist()]]
 
 
+def _factorize(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct ids, int32 index of each id among them): ``np.unique(ids,
+    return_inverse=True)``, through a presence table instead of a sort when the ids are
+    non-negative integers of a modest range (a 100M-row log: seconds and 1 byte per possible id
+    instead of a 100M-element argsort)."""
+    if ids.dtype.kind in "iu" and ids.size:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo >= 0 and hi < max(4 * ids.size, 1 << 24):
+            present = np.zeros(hi + 1, dtype=bool)
+            present[ids] = True
+            uniq = np.flatnonzero(present).astype(ids.dtype)
+            rank = np.cumsum(present, dtype=np.int32)
+            rank -= 1
+            return uniq, rank[ids]
+    uniq, inv = np.unique(ids, return_inverse=True)
+    return uniq, inv.reshape(-1).astype(np.int32)
+
+
+#: rows per step when computing behaviour tokens (whole users; bounds the int64 temporaries)
+_TOKEN_BLOCK = 1 << 23
+
+
+def _behaviour_tokens(ts: np.ndarray, values: np.ndarray | None, raw: RawData,
+                      offsets: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`~srp4ctr.data.features.behaviour_features` of the user-grouped rows, computed
+    block by block of whole users into arrays of the smallest unsigned dtype that holds each
+    field's vocabulary (the same tokens as one call)."""
+    n = ts.shape[0]
+    cuts = offsets[np.searchsorted(offsets, np.arange(_TOKEN_BLOCK, n, _TOKEN_BLOCK))]
+    cuts = np.unique(np.concatenate([[0], cuts, [n]]))
+    sizes = {"gap": F.GAP_VOCAB, "hour": F.HOUR_VOCAB, "weekday": F.WEEKDAY_VOCAB}
+    if raw.kind is not None:
+        sizes[raw.kind] = len(raw.value_vocab) + 1
+    out: dict[str, np.ndarray] = {}
+    for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+        lo, hi = np.searchsorted(offsets, [a, b])
+        part = F.behaviour_features(
+            ts[a:b], None if values is None else values[a:b], kind=raw.kind,
+            vocab=raw.value_vocab, offsets=offsets[lo : hi + 1] - a, encoded=raw.values_encoded)
+        for f, v in part.items():
+            if f not in out:
+                dt = next(t for t in (np.uint8, np.uint16, np.uint32)
+                          if sizes[f] - 1 <= np.iinfo(t).max)
+                out[f] = np.empty(n, dtype=dt)
+            out[f][a:b] = v
+    return out
+
+
 def _json_value(v: Any) -> Any:
     if isinstance(v, (np.integer,)):
         return int(v)
@@ -118,14 +165,19 @@ def build(
     n_rows = int(raw.user.shape[0])
     if n_rows == 0:
         raise DataError("no interactions (empty dataset)", path=raw.display or None)
-    uniq_u, u_inv = np.unique(raw.user, return_inverse=True)
-    u_inv = u_inv.reshape(-1).astype(np.int32)
-    uniq_i, i_inv = np.unique(raw.item, return_inverse=True)
-    i_inv = i_inv.reshape(-1).astype(np.int32)
+    uniq_u, u_inv = _factorize(raw.user)
+    uniq_i, i_inv = _factorize(raw.item)
     if consume:  # free the raw ids early (large datasets)
         raw.user = raw.item = None  # type: ignore[assignment]
     n_users, n_items = int(uniq_u.size), int(uniq_i.size)
     ts_raw = raw.timestamp.astype(np.int64, copy=False)
+    # per-row item fields (a value per item at its earliest interaction) before the main sort,
+    # so that the raw arrays can go as soon as they are sorted
+    row_tables: dict[str, tuple[np.ndarray, list[str]]] = {}
+    for f in list(raw.item_row_fields):
+        row_tables[f] = _row_field_table(raw.item_row_fields[f], i_inv, ts_raw, n_items)
+        if consume:
+            raw.item_row_fields[f] = None  # type: ignore[assignment]
     # internal item ids follow raw-id order, so (user, timestamp, internal item) is the contract's
     # (user, timestamp, raw item id); lexsort is stable, so full ties keep file order
     order = np.lexsort((i_inv, ts_raw, u_inv))
@@ -134,8 +186,14 @@ def build(
     del u_inv
     item = i_inv[order]
     item += 1
+    del i_inv
     ts = ts_raw[order]
+    del ts_raw
     label = raw.label[order].astype(np.int8)
+    values = raw.values[order] if raw.values is not None else None
+    if consume:
+        raw.timestamp = raw.label = raw.values = None  # type: ignore[assignment]
+    del order
     counts = np.bincount(user, minlength=n_users + 1)[1:].astype(np.int64)
     offsets = np.zeros(n_users + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
@@ -145,14 +203,8 @@ def build(
     split = np.repeat(np.tile(np.array([0, 1, 2], dtype=np.int8), n_users), runs)
     del runs
 
-    values = raw.values[order] if raw.values is not None else None
-    if consume:
-        raw.values = None
-    behaviour = F.behaviour_features(
-        ts, values, kind=raw.kind, vocab=raw.value_vocab, offsets=offsets, encoded=raw.values_encoded
-    )
-    behaviour = {f: _compact(v) for f, v in behaviour.items()}  # tokens in uint8/uint16
-    del values, order
+    behaviour = _behaviour_tokens(ts, values, raw, offsets)
+    del values
 
     item_table: dict[str, np.ndarray] = {}
     vocab: dict[str, int] = {"item": n_items + 2}
@@ -166,8 +218,7 @@ def build(
             if f in raw.item_side.labels:
                 field_values[f] = raw.item_side.labels[f]
         multi = [f for f in raw.item_side.multi if f in item_table]
-    for f, vals in raw.item_row_fields.items():
-        t, labels = _row_field_table(vals, i_inv, ts_raw, n_items)
+    for f, (t, labels) in row_tables.items():
         item_table[f] = t
         vocab[f] = max(len(labels), 2)  # at least padding + one value, even if all missing
         field_values[f] = labels
