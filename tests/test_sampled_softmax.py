@@ -171,3 +171,44 @@ def test_pretraining_with_a_sampled_item_head(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["pretrain_softmax"] == res["softmax"]
     assert cfg["model_config"]["softmax"] == "sampled"
+
+
+def test_large_catalogue_evaluation_counts_ranks_by_item_blocks(tmp_path, monkeypatch):
+    """Above the logits budget the next-item ranks are counted block by block of items; they
+    equal the ranks over the whole [B, V] matrix."""
+    from srp4ctr.data.samples import NextItemDataset
+    from srp4ctr.models import FGBERT, ModelSpec
+    from srp4ctr.train import loop
+
+    ds = prepare_tiny(tmp_path)
+    torch.manual_seed(0)
+    model = FGBERT(ModelSpec.from_dataset(ds), ModelConfig(d_model=16, n_layers=1, n_heads=2,
+                                                           max_len=16))
+    data = NextItemDataset(ds, "valid", max_len=16, n_negatives=20, seed=0)
+    whole = loop.next_item_metrics(model, data, batch_size=16, ks=(1, 5, 10))
+    monkeypatch.setattr(loop, "_LOGITS_BUDGET", 16 * 40)  # blocked: 62 items x 16 users
+    monkeypatch.setattr(loop, "_BLOCK_LOGITS", 16 * 7)  # blocks of 7 items
+    blocked = loop.next_item_metrics(model, data, batch_size=16, ks=(1, 5, 10))
+    assert blocked == whole and whole["n"] == len(data)
+
+
+def test_negatives_of_a_few_users_read_only_their_rows(tmp_path):
+    """An evaluation subset's negatives come from its users' own interactions (not a key of
+    every row of the log); the draw is the one the whole-log keys give."""
+    from srp4ctr.data import samples as S
+
+    ds = prepare_tiny(tmp_path, n_users=80)
+    users = np.array([3, 17, 17, 40])
+    sub = S.sample_negatives(ds, users, 50, np.random.default_rng(4))
+    keys = S._user_item_keys(ds, users)
+    assert keys.size == sum(np.unique(ds.item[ds.user_offsets[u - 1]:ds.user_offsets[u]]).size
+                            for u in (3, 17, 40))
+    whole = S._user_item_keys(ds)
+    assert np.isin(keys, whole).all() and whole.size > keys.size
+    for row, u in enumerate(users):  # never an item the user interacted with
+        own = set(ds.item[ds.user_offsets[u - 1]:ds.user_offsets[u]].tolist())
+        assert not own & set(sub[row].tolist())
+    ds._ui_keys = whole
+    many = np.arange(1, ds.n_users + 1)
+    again = S.sample_negatives(ds, many, 5, np.random.default_rng(4))
+    assert again.shape == (ds.n_users, 5)

@@ -8,12 +8,10 @@ type), the label, and the side tables; :mod:`srp4ctr.data.pipeline` turns that i
 from __future__ import annotations
 
 import bisect
-import ctypes
 import functools
 import json
 import os
 import re
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from srp4ctr._memory import trim_heap
 from srp4ctr.data import features as F
 from srp4ctr.data._io import (
     _decode,
@@ -500,27 +499,6 @@ def _own(a: np.ndarray) -> np.ndarray:
     return a if a.flags.owndata else a.copy()
 
 
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        return None
-
-
-def _trim_heap() -> None:
-    """Give the freed heap pages back to the system (glibc; elsewhere nothing happens).
-
-    glibc keeps freed blocks of a few MB (the per-batch arrays) in its heap for reuse, so
-    without this the process would keep a copy of each joined column: about 100 MB more at the
-    peak for 5M rows; it costs about a millisecond."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
 def _int_text(a: np.ndarray) -> np.ndarray:
     """``str(int)`` of each value, as the narrowest unicode array (what pandas' text gives)."""
     width = max(len(str(int(a.min()))), len(str(int(a.max())))) if a.size else 1
@@ -566,7 +544,7 @@ def _concat(parts: list[np.ndarray], dtype: Any = None) -> np.ndarray:
         out[pos : pos + len(p)] = p
         pos += len(p)
         del p
-    _trim_heap()
+    trim_heap()
     return out
 
 
@@ -846,7 +824,7 @@ def load_generic(path: Path, fmt: str, columns: Any, *, batch_rows: int = 1_000_
         n += len(df)
         del df
         if n - trimmed >= 1_000_000:
-            _trim_heap()
+            trim_heap()
             trimmed = n
     if n == 0:
         raise DataError("no interactions (empty table)", path=display)

@@ -48,11 +48,29 @@ __all__ = [
 _FLOAT_KEYS = ("label",)
 
 
-def _user_item_keys(ds: PreparedDataset) -> np.ndarray:
-    """Sorted unique ``user * (n_items + 2) + item`` of every interaction (cached on ``ds``)."""
+def _sorted_unique(k: np.ndarray) -> np.ndarray:
+    k = np.sort(k)
+    keep = np.ones(k.size, dtype=bool)
+    keep[1:] = k[1:] != k[:-1]
+    return k[keep]
+
+
+def _user_item_keys(ds: PreparedDataset, users: np.ndarray | None = None) -> np.ndarray:
+    """Sorted unique ``user * (n_items + 2) + item`` of every interaction (cached on ``ds``), or
+    only of the interactions of ``users`` when they are a small part of the users (an
+    evaluation subset: its own rows, not the whole log)."""
+    m = np.int64(ds.n_items + 2)
+    if users is not None:
+        u = np.unique(np.asarray(users, dtype=np.int64))
+        if u.size * 8 < ds.n_users:
+            start, end = ds.user_offsets[u - 1], ds.user_offsets[u]
+            lens = end - start
+            first = np.cumsum(lens) - lens
+            rows = np.repeat(start - first, lens) + np.arange(int(lens.sum()), dtype=np.int64)
+            return _sorted_unique(np.repeat(u, lens) * m + ds.item[rows].astype(np.int64))
     keys = getattr(ds, "_ui_keys", None)
     if keys is None:
-        keys = np.unique(ds.user.astype(np.int64) * (ds.n_items + 2) + ds.item.astype(np.int64))
+        keys = _sorted_unique(ds.user.astype(np.int64) * m + ds.item.astype(np.int64))
         ds._ui_keys = keys  # type: ignore[attr-defined]
     return keys
 
@@ -65,7 +83,7 @@ def sample_negatives(
     every item (no negative exists)."""
     users = np.asarray(users, dtype=np.int64)
     m = ds.n_items + 2
-    keys = _user_item_keys(ds)
+    keys = _user_item_keys(ds, users)
     out = rng.integers(1, ds.n_items + 1, size=(users.size, n), dtype=np.int64)
 
     def seen(u: np.ndarray, it: np.ndarray) -> np.ndarray:

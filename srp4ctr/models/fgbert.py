@@ -275,11 +275,16 @@ class FGBERT(nn.Module):
 
     # ------------------------------------------------------------------ next item
     def next_item_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Scores of every item as the next behaviour -> [B, vocab['item']].
+        """Scores of every item as the next behaviour -> [B, vocab['item']]: the item head on
+        :meth:`next_item_hidden`. Padding 0 and the OOV id score -inf."""
+        return self.item_logits(self.next_item_hidden(batch))
+
+    def next_item_hidden(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The final hidden state [B, d] of a masked token appended as the next behaviour.
 
         A fully masked token (item group and behaviour group) is appended after the last real
         behaviour; it takes recency 0 and the others shift by one. A history already at
-        ``max_len`` drops its oldest behaviour. Padding 0 and the OOV id score -inf.
+        ``max_len`` drops its oldest behaviour.
         """
         hist = batch["hist_item"]
         hist_len = batch["hist_len"]
@@ -305,8 +310,7 @@ class FGBERT(nn.Module):
             nb["hist_" + f] = shifted(batch["hist_" + f])
         x, valid = self.embed(nb, new_tok, new_tok if self.behaviour_group else None)
         h = self.encode_embedded(x, valid)
-        h_new = h[torch.arange(B, device=h.device), new_len - 1]
-        return self.item_logits(h_new)
+        return h[torch.arange(B, device=h.device), new_len - 1]
 
 
 def _exclude(logits: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:

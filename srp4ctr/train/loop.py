@@ -19,9 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from srp4ctr import metrics
+from srp4ctr._memory import release_memory
 from srp4ctr.bundle import write_bundle_files
 from srp4ctr.data.recorded import dataset_record
 from srp4ctr.errors import InputError
@@ -236,8 +238,10 @@ def ctr_metrics(pred: dict[str, np.ndarray]) -> dict[str, float]:
     }
 
 
-#: the most full-ranking logits one evaluation batch computes (128 MB in fp32)
+#: the most full-ranking logits one evaluation batch computes at once (128 MB in fp32); above
+#: it, ranks are counted over blocks of _BLOCK_LOGITS logits (32 MB)
 _LOGITS_BUDGET = 1 << 25
+_BLOCK_LOGITS = 1 << 23
 
 
 def eval_indices(n: int, cfg: TrainConfig) -> np.ndarray | None:
@@ -260,13 +264,15 @@ def next_item_metrics(
     replacement) from the items its user never interacted with, with the dataset's seed — the
     same draw for every model. Full ranking scores every item (padding and out-of-vocabulary
     ids excluded by the model). Ranks are pessimistic: ties count against the target.
-    ``indices``: only those samples. A batch holds at most :data:`_LOGITS_BUDGET` logits (at 4M
-    items, a few users).
+    ``indices``: only those samples. When a batch's logits over every item would exceed
+    :data:`_LOGITS_BUDGET` (a large catalogue), the ranks are counted over blocks of items
+    instead (:func:`_ranks_by_item_blocks`: the item table is read once per batch, not once per
+    few users).
     """
     world = world or World()
     encoder.eval()
     vocab = int(encoder.spec.n_item_ids)
-    batch_size = max(1, min(int(batch_size), _LOGITS_BUDGET // vocab))
+    blocked = int(batch_size) * vocab > _LOGITS_BUDGET
     idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, np.int64)
     mine = idx[world.rank :: world.size] if world.distributed else idx
     full_ranks, sampled_ranks = [], []
@@ -274,11 +280,18 @@ def next_item_metrics(
     for s in range(0, len(mine), batch_size):
         b = mine[s : s + batch_size]
         batch = next(iterate_batches(dataset, b, len(b)))
-        logits = encoder.next_item_logits(_to_device(batch, device)).float().cpu()
         target = batch["target_item"].long()
-        full_ranks.append(np.asarray(metrics.rank_of_target(logits, target)))
         neg = batch["neg_item"].long()
         n_neg = neg.shape[1]
+        if blocked:
+            hidden = encoder.next_item_hidden(_to_device(batch, device))
+            full, sampled = _ranks_by_item_blocks(encoder, hidden, target.to(hidden.device),
+                                                  neg.to(hidden.device))
+            full_ranks.append(np.asarray(full.cpu()))
+            sampled_ranks.append(np.asarray(sampled.cpu()))
+            continue
+        logits = encoder.next_item_logits(_to_device(batch, device)).float().cpu()
+        full_ranks.append(np.asarray(metrics.rank_of_target(logits, target)))
         tgt = logits.gather(1, target[:, None])[:, 0]
         sampled_ranks.append(np.asarray(metrics.sampled_rank(tgt, logits.gather(1, neg))))
     cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)
@@ -293,6 +306,34 @@ def next_item_metrics(
         out[f"hr@{k}_sampled{n_neg}"] = float(metrics.hit_rate_at_k(sr, k))
         out[f"ndcg@{k}_sampled{n_neg}"] = float(metrics.ndcg_at_k(sr, k))
     return out
+
+
+def _ranks_by_item_blocks(encoder: nn.Module, hidden: torch.Tensor, target: torch.Tensor,
+                          neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(full-ranking ranks, sampled ranks) of ``target`` for the next-item states ``hidden``
+    [B, d], counting the items that score above (or equal to) the target block by block of
+    :data:`_BLOCK_LOGITS` // B items: the ranks of :func:`metrics.rank_of_target` (pessimistic)
+    without a [B, V] matrix. The target's own column is left out of the counts, the padding and
+    OOV ids never count."""
+    head = encoder.heads["item"]
+    table = encoder.embeddings.weight("item")
+    proj = head.project(hidden).float()
+    tgt = (proj * table[target].float()).sum(1) + head.bias[target].float()
+    rows = torch.arange(target.shape[0], device=proj.device)
+    excluded = (0, encoder.spec.oov_item)
+    above = torch.zeros(target.shape[0], dtype=torch.long, device=proj.device)
+    step = max(1, _BLOCK_LOGITS // max(1, target.shape[0]))
+    for s in range(0, table.shape[0], step):
+        e = min(s + step, table.shape[0])
+        sc = F.linear(proj, table[s:e].float(), head.bias[s:e].float())
+        for i in excluded:
+            if s <= i < e:
+                sc[:, i - s] = float("-inf")
+        own = (target >= s) & (target < e)
+        sc[rows[own], target[own] - s] = float("-inf")
+        above += (sc >= tgt[:, None]).sum(1)
+    neg_scores = (proj[:, None, :] * table[neg].float()).sum(-1) + head.bias[neg].float()
+    return 1 + above, metrics.sampled_rank(tgt, neg_scores)
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,6 +412,10 @@ def _train_epochs(
                              f"better validation {monitor}); keeping epoch {best_epoch}")
                 break
     assert best_state is not None
+    # the optimizer and its schedule refer to each other: free their state now, not at the next
+    # garbage collection (Adam's moments are twice the model: 2 GB at 4M items)
+    del opt, sched
+    release_memory()
     model.load_state_dict(best_state)
     return history, best_state, {"best_epoch": best_epoch, f"best_valid_{monitor}": best_value}
 
@@ -420,6 +465,7 @@ def pretrain(
                                 seed=cfg.seed, **subset)
     test_set = NextItemDataset(ds, split="test", max_len=mcfg.max_len, n_negatives=100,
                                seed=cfg.seed, **subset)
+    release_memory()  # the set-up's temporaries (at 4M items, hundreds of MB) before training
     step_model = _wrap(model, "pretrain_loss", world, cfg.device)
 
     def loss_fn(m, batch):
@@ -598,6 +644,7 @@ def finetune(
     train_set, valid_set, test_set = (
         CTRDataset(ds, split, max_len=mcfg.max_len, negatives=cfg.negatives, seed=cfg.seed,
                    strict_time=strict_time) for split in ("train", "valid", "test"))
+    release_memory()  # the set-up's temporaries before training
     step_model = _wrap(model, "forward", world, cfg.device)
     bce = nn.BCEWithLogitsLoss()
 
