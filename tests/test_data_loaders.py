@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -415,3 +416,23 @@ def test_building_in_blocks_equals_one_pass(tmp_path, monkeypatch):
     for f, v in want.items():
         assert np.array_equal(blocks.behaviour[f], v), f
         assert blocks.behaviour[f].dtype == np.uint8
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS (Linux)")
+def test_dropping_mapped_pages_keeps_the_values_and_frees_the_residency(tmp_path):
+    from srp4ctr._memory import drop_mapped_pages
+
+    def rss_mib() -> float:
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines()
+                    if l.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    a = np.arange(8_000_000, dtype=np.int64)  # 61 MiB
+    np.save(tmp_path / "a.npy", a)
+    m = np.ascontiguousarray(np.load(tmp_path / "a.npy", mmap_mode="r"), dtype=np.int64)
+    del a
+    total = int(m.sum())  # every page resident
+    before = rss_mib()
+    drop_mapped_pages(m, np.zeros(3))  # a plain array is left alone
+    assert before - rss_mib() > 40
+    assert int(m.sum()) == total and m[12345] == 12345  # read again from the page cache

@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from srp4ctr.data import features as F
 from srp4ctr.data.dataset import PreparedDataset, split_index
-from srp4ctr.errors import InputError
+from srp4ctr.errors import DataError, InputError
 
 __all__ = [
     "CTRDataset",
@@ -313,9 +314,19 @@ class PretrainDataset(_WindowSamples):
 
     def __init__(self, ds: PreparedDataset, max_len: int = 200, *, windows: bool = False, **kw: Any):
         super().__init__(ds, max_len, **kw)
-        n_train = np.bincount(ds.user[ds.split == 0], minlength=ds.n_users + 1)[1:].astype(np.int64)
+        # the split is positional (SPLIT_RULE): each user's training part is a prefix of
+        # floor(0.8 n) rows, so no scan of every row's split is needed (checked below)
         ustart = ds.user_offsets[:-1]
+        n_train = F.split_rule_positions(np.diff(ds.user_offsets))[0]
         tr_end = ustart + n_train
+        if n_train.size:
+            last, nxt = tr_end - 1, np.minimum(tr_end, ds.n_interactions - 1)
+            has = n_train > 0
+            more = tr_end < ds.user_offsets[1:]
+            if np.any(ds.split[last[has]] != 0) or np.any(ds.split[nxt[more]] == 0):
+                raise DataError("the split is not the positional rule of this format "
+                                f"({ds.meta.get('split_rule')!r}); prepare the dataset again",
+                                path=str(ds.path) if ds.path else None)
         users = np.nonzero(n_train > 0)[0].astype(np.int64) + 1
         end = tr_end[users - 1]
         if windows:

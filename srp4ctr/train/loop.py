@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from srp4ctr import metrics
-from srp4ctr._memory import release_memory
+from srp4ctr._memory import drop_mapped_pages, release_memory
 from srp4ctr.bundle import write_bundle_files
 from srp4ctr.data.recorded import dataset_record
 from srp4ctr.errors import InputError
@@ -465,7 +465,10 @@ def pretrain(
                                 seed=cfg.seed, **subset)
     test_set = NextItemDataset(ds, split="test", max_len=mcfg.max_len, n_negatives=100,
                                seed=cfg.seed, **subset)
-    release_memory()  # the set-up's temporaries (at 4M items, hundreds of MB) before training
+    # the set-up's temporaries (at 4M items, hundreds of MB) and the pages its scans of the
+    # memory-mapped dataset made resident (at 100M events, GBs) go before training
+    release_memory()
+    drop_mapped_pages(*ds.arrays().values())
     step_model = _wrap(model, "pretrain_loss", world, cfg.device)
 
     def loss_fn(m, batch):
@@ -500,6 +503,9 @@ def pretrain(
     return result
 
 
+_COUNT_BLOCK = 1 << 23
+
+
 def _samplers(model: nn.Module, ds, device: str) -> dict:
     """The negative samplers of ``model``'s sampled heads, from training-split frequencies."""
     from srp4ctr.models.sampled_softmax import NegativeSampler
@@ -507,20 +513,26 @@ def _samplers(model: nn.Module, ds, device: str) -> dict:
     fields = getattr(model, "sampled_fields", [])
     if not fields:
         return {}
-    train = np.asarray(ds.split) == 0
-    items = np.asarray(ds.item)[train]
+    counts = {f: np.zeros(model.spec.vocab[f], dtype=np.int64) for f in fields}
+    for a in range(0, ds.n_interactions, _COUNT_BLOCK):  # blocks: no 100M-row temporaries
+        b = min(a + _COUNT_BLOCK, ds.n_interactions)
+        train = ds.split[a:b] == 0
+        items = ds.item[a:b][train]
+        for f in fields:
+            if f == "item":
+                ids = items
+            elif f in ds.item_table:
+                ids = ds.item_table[f][items]
+            else:
+                ids = ds.behaviour[f][a:b][train]
+            counts[f] += np.bincount(ids, minlength=counts[f].size)[: counts[f].size]
+    drop_mapped_pages(ds.split, ds.item, *ds.behaviour.values())
     out = {}
     for f in fields:
         vocab = model.spec.vocab[f]
-        if f == "item":
-            ids, exclude = items, (0, model.spec.oov_item)
-        elif f in ds.item_table:
-            ids, exclude = ds.item_table[f][items], (0,)
-        else:
-            ids, exclude = np.asarray(ds.behaviour[f])[train], (0,)
-        counts = np.bincount(np.asarray(ids, np.int64), minlength=vocab)[:vocab]
+        exclude = (0, model.spec.oov_item) if f == "item" else (0,)
         out[f] = NegativeSampler(model.config.sampler, vocab, model.config.n_sampled,
-                                 counts=counts, exclude=exclude, device=device)
+                                 counts=counts[f], exclude=exclude, device=device)
         log.info(f"{model.kind}: {f} head ({vocab} values): {out[f].describe()}")
     return out
 
@@ -644,7 +656,8 @@ def finetune(
     train_set, valid_set, test_set = (
         CTRDataset(ds, split, max_len=mcfg.max_len, negatives=cfg.negatives, seed=cfg.seed,
                    strict_time=strict_time) for split in ("train", "valid", "test"))
-    release_memory()  # the set-up's temporaries before training
+    release_memory()  # the set-up's temporaries and scanned dataset pages before training
+    drop_mapped_pages(*ds.arrays().values())
     step_model = _wrap(model, "forward", world, cfg.device)
     bce = nn.BCEWithLogitsLoss()
 
