@@ -94,6 +94,9 @@ def load_serving_model(path: str | os.PathLike, dataset: Any = None,
             f"{path}: a {kind!r} checkpoint{hint}; the engine serves SRP4CTR fine-tuning "
             f"checkpoints (kind {SERVING_KIND!r})"
         )
+    if not isinstance(cfg.get("dataset") or {}, dict):
+        raise CheckpointError(f"{path}: config.json field 'dataset' is not a mapping "
+                              f"(got {type(cfg.get('dataset')).__name__})")
     if bundled:
         # a bundle carries its serving tables: no data directory, no download
         from srp4ctr.data.dataset import load_serving_tables

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from train_fixtures import TINY, cpu_backends, model_probs, prepare_tiny, raw_history, spread_bundle
 
@@ -253,6 +253,8 @@ def test_corrupted_checkpoints_load_as_the_original_or_are_refused(world, backen
     @given(which=st.integers(0, len(paths) - 1), action=st.sampled_from(["set", "delete",
                                                                           "weights", "whole"]),
            value=_JSON, pos=st.integers(0, 2**31), keep_bundle=st.booleans())
+    # found by this test: a 'dataset' record that is not a mapping was an AttributeError
+    @example(which=paths.index(("dataset",)), action="set", value=True, pos=0, keep_bundle=False)
     def check(which, action, value, pos, keep_bundle):
         folder = Path(tempfile.mkdtemp(dir=tmp_path))
         try:
