@@ -78,6 +78,14 @@ def test_health_ready_docs_and_metrics(client, engine):
     hist = schema["components"]["schemas"]["HistoryIn"]["properties"]
     for p in [*props.values(), *hist.values()]:
         assert p.get("description"), p  # every field documented
+    for path, model in (("/v1/score", "ScoreIn"), ("/v1/score_many", "ScoreManyIn")):
+        op = schema["paths"][path]["post"]
+        assert op["requestBody"]["content"]["application/json"]["schema"] == {
+            "$ref": f"#/components/schemas/{model}"}
+        ok = op["responses"]["200"]["content"]["application/json"]["schema"]
+        assert ok["$ref"].endswith("Out")
+    many = schema["components"]["schemas"]["ScoreManyIn"]["properties"]["requests"]
+    assert many["items"] == {"$ref": "#/components/schemas/ScoreIn"}
     assert client.get("/docs").status_code == 200
     client.post("/v1/score", json={"history": {"item_id": [], "timestamp": [], "rating": []},
                                    "candidates": [1]})
@@ -137,7 +145,7 @@ EMPTY = {"item_id": [], "timestamp": [], "rating": []}
       "candidates": [1]}, 400, "InputError", ""),
     ({"history": EMPTY, "candidates": [True]}, 422, "InvalidRequest", "valid integer"),
     ({"history": EMPTY, "candidates": [1.5]}, 422, "InvalidRequest", "valid"),
-    ({"history": EMPTY, "candidates": "1,2"}, 422, "InvalidRequest", "list"),
+    ({"history": EMPTY, "candidates": "1,2"}, 422, "InvalidRequest", "valid array"),
     ({"history": EMPTY}, 422, "InvalidRequest", "required"),
     ({"history": EMPTY, "candidates": [1], "color": "red"}, 422, "InvalidRequest", "xtra"),
     ({"history": EMPTY, "candidates": [1] * 501}, 413, "PayloadTooLarge", "limit is 500"),
