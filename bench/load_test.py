@@ -164,19 +164,65 @@ async def _load(url: str, bodies: list[dict], clients: int, duration: float) -> 
             "p99_ms": float(np.percentile(ms, 99))}
 
 
-def run_case(model, threads, extra, bodies, warm, clients, duration) -> dict:
+# wrk's script: POST the bodies of $SRP4CTR_BODIES (one JSON document per line) in turn, and
+# print the summary as one JSON line at the end
+WRK_SCRIPT = r"""
+local bodies, i = {}, 0
+for line in io.lines(os.getenv("SRP4CTR_BODIES")) do bodies[#bodies + 1] = line end
+wrk.method = "POST"
+wrk.path = "/v1/score"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  i = i % #bodies + 1
+  return wrk.format(nil, nil, nil, bodies[i])
+end
+done = function(s, latency, requests)
+  local e = s.errors
+  io.write(string.format(
+    '{"requests": %d, "errors": %d, "seconds": %.6f, "p50_us": %d, "p95_us": %d, "p99_us": %d}\n',
+    s.requests, e.connect + e.read + e.write + e.status + e.timeout, s.duration / 1e6,
+    latency:percentile(50), latency:percentile(95), latency:percentile(99)))
+end
+"""
+
+
+def _load_wrk(url: str, bodies: list[dict], clients: int, duration: float, tmp: Path) -> dict:
+    """The same closed loop as :func:`_load` (``clients`` connections, each sending its next
+    request when the last one is answered), driven by ``wrk`` (one thread, C and epoll: a
+    small share of the cores the server runs on, where the Python client takes about one)."""
+    (tmp / "bodies.jsonl").write_text("".join(json.dumps(b) + "\n" for b in bodies))
+    (tmp / "load.lua").write_text(WRK_SCRIPT)
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{clients}", f"-d{max(1, round(duration))}s", "--timeout", "60s",
+         "-s", str(tmp / "load.lua"), url], check=True, capture_output=True, text=True,
+        env={**os.environ, "SRP4CTR_BODIES": str(tmp / "bodies.jsonl")})
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"requests": r["requests"], "errors": r["errors"], "seconds": r["seconds"],
+            "rps": r["requests"] / r["seconds"], "p50_ms": r["p50_us"] / 1e3,
+            "p95_ms": r["p95_us"] / 1e3, "p99_ms": r["p99_us"] / 1e3}
+
+
+def run_case(model, threads, extra, bodies, warm, clients, duration, client="httpx",
+             tmp: Path | None = None) -> dict:
     import httpx
 
     with Server(model, threads, extra) as srv:
         for b in warm:  # the users' states into the store (and the first-call costs out)
             httpx.post(srv.url + "/v1/score", json=b, timeout=60)
         rss0 = _rss_mb(srv.proc.pid)
-        res = asyncio.run(_load(srv.url, bodies, clients, duration))
+        res = (_load_wrk(srv.url, bodies, clients, duration, tmp) if client == "wrk" else
+               asyncio.run(_load(srv.url, bodies, clients, duration)))
         res["rss_mb_before"], res["rss_mb_after"] = rss0, _rss_mb(srv.proc.pid)
         res["rss_growth"] = res["rss_mb_after"] / rss0 - 1
         metrics = httpx.get(srv.url + "/metrics").text
-    calls = users = served_s = served_n = 0.0
+    calls = users = served_s = served_n = engine_s = get_s = get_n = 0.0
     for line in metrics.splitlines():
+        if line.startswith("srp4ctr_engine_seconds_sum "):
+            engine_s = float(line.split()[1])
+        elif line.startswith('srp4ctr_store_seconds_sum{op="get"}'):
+            get_s = float(line.split()[1])
+        elif line.startswith('srp4ctr_store_seconds_count{op="get"}'):
+            get_n = float(line.split()[1])
         if line.startswith("srp4ctr_batch_requests_count "):
             calls = float(line.split()[1])
         elif line.startswith("srp4ctr_batch_requests_sum "):
@@ -188,6 +234,17 @@ def run_case(model, threads, extra, bodies, warm, clients, duration) -> dict:
     res["users_per_engine_call"] = users / calls if calls else None
     # the server's own view: from the request entering the app to its response (mean)
     res["server_mean_ms"] = 1e3 * served_s / served_n if served_n else None
+    # the engine thread's time per engine call (checks, user lookup / encoding, scoring), in
+    # the server itself: at 1 client (one request per call) the server mean less this is the
+    # server's own overhead (parsing, validation, the queue, the thread hops, the response)
+    res["engine_mean_ms"] = 1e3 * engine_s / calls if calls else None
+    if clients == 1 and res["server_mean_ms"] and res["engine_mean_ms"]:
+        res["server_overhead_ms"] = res["server_mean_ms"] - res["engine_mean_ms"]
+    # the store's look-ups (a hit: the fetch and decoding of the cached state), per look-up
+    res["store_get_mean_ms"] = 1e3 * get_s / get_n if get_n else None
+    if res["store_get_mean_ms"] is not None and res["server_mean_ms"]:
+        res["store_get_share"] = res["store_get_mean_ms"] / res["server_mean_ms"]
+    res["client"] = client
     return res
 
 
@@ -262,11 +319,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--candidates", default="100,1000")
     ap.add_argument("--threads", type=int, default=1, help="engine threads of the server")
+    ap.add_argument("--client", choices=("auto", "wrk", "httpx"), default="auto",
+                    help="the load generator: wrk (Debian's wrk package) or an asyncio httpx "
+                    "client in this process; auto: wrk where it is on PATH")
+    ap.add_argument("--no-redis", action="store_true", help="skip the Redis cases")
     ap.add_argument("--out", default=str(HERE / "results" / "load_test.json"))
     ap.add_argument("--plot", default=str(HERE / "plots" / "load_test.png"))
     args = ap.parse_args(argv)
     clients = [int(x) for x in args.clients.split(",")]
     cands = [int(x) for x in args.candidates.split(",")]
+    client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk")
+                                                         else "httpx")
     tmp = Path(tempfile.mkdtemp(prefix="srp4ctr-load-"))
     try:
         model, ds = build_bundle(tmp)
@@ -274,34 +337,40 @@ def main(argv=None) -> dict:
                            "cores": os.cpu_count(), "platform": platform.platform()},
                "model": benchlib.CONFIG, "server_threads": args.threads,
                "duration_s": args.duration, "clients": clients, "candidates": cands,
-               "note": "client and server share this machine's cores", "cases": []}
+               "client": client, "note": "client and server share this machine's cores",
+               "cases": []}
         for C in cands:
             warm = requests_for(ds, 64, C, seed=1, fresh=False)
             for n in clients:  # the two modes back to back, so machine drift hits both
                 for mode, extra in (("batching", []), ("one_at_a_time", ["--no-batching"])):
-                    r = run_case(model, args.threads, extra, warm, warm, n, args.duration)
+                    r = run_case(model, args.threads, extra, warm, warm, n, args.duration,
+                                 client, tmp)
                     r.update(mode=mode, store="memory", state="warm", clients=n, candidates=C)
                     out["cases"].append(r)
                     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
                                       for k, v in r.items()}), flush=True)
-        redis, url = start_redis(tmp)
+        redis, url = start_redis(tmp) if not args.no_redis else (None, "")
         try:
-            for C in cands:
+            for C in cands if redis else []:
                 for n in sorted({1, max(clients)}):
                     for state in ("warm", "cold"):
                         fresh = state == "cold"
-                        bodies = requests_for(ds, 64 if not fresh else 20000, C,
-                                              seed=7 + n, fresh=fresh)
+                        # cold: a history never sent before for every request (more than
+                        # the run sends; "cycled" says when it sent some twice)
+                        n_bodies = max(64, int(300 * args.duration)) if fresh else 64
+                        bodies = requests_for(ds, n_bodies, C, seed=7 + n, fresh=fresh)
                         warm = bodies[:64] if not fresh else []
                         r = run_case(model, args.threads, ["--store", "redis", "--redis-url",
-                                                           url], bodies, warm, n, args.duration)
+                                                           url], bodies, warm, n,
+                                     args.duration, client, tmp)
                         r.update(mode="batching", store="redis", state=state, clients=n,
-                                 candidates=C)
+                                 candidates=C, cycled=fresh and r["requests"] > n_bodies)
                         out["cases"].append(r)
                         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
                                           for k, v in r.items()}), flush=True)
         finally:
-            redis.terminate()
+            if redis:
+                redis.terminate()
         alone = {C: engine_alone(model, args.threads, requests_for(ds, 64, C, 1, False))
                  for C in cands}
         out["engine_alone"] = alone

@@ -19,6 +19,8 @@ few suites keeps the others' latest results), then writes ``OUT/report.md`` and 
 - ``plots/latency_vs_candidates.png`` (median latency against the number of candidates, one line
   per provider) and ``plots/folded_vs_naive.png`` (the analytic cost of folded and naive
   inference — the paper's efficiency- and inference-FLOPs — beside the measured times);
+- the load test of ``srp4ctr serve`` (``RESULTS/load_test.json`` of ``bench/load_test.py``:
+  throughput, latency percentiles, server and engine time, errors, RSS) when there is one;
 - the newest GPU result of ``bench/gpu_bench.py`` (``RESULTS/gpu_bench-*.json``, smoke runs
   excluded) when there is one;
 - the machine (CPU model, cores, threads, torch / ONNX Runtime versions), the dates and the exact
@@ -177,7 +179,7 @@ def load_results(results: Path) -> tuple[dict[str, SuiteResult], list[Path]]:
     suites: dict[str, SuiteResult] = {}
     ignored: list[Path] = []
     for path in sorted(Path(results).glob("*.json")):
-        if path.name.startswith("gpu_bench"):
+        if path.name.startswith("gpu_bench") or path.name == LOAD_TEST_JSON:
             continue
         res = load_suite(path)
         if res is None:
@@ -452,10 +454,11 @@ class Context:
     """What goal evaluation reads: the suites, the GPU result, and lookups over them."""
 
     def __init__(self, suites: dict[str, SuiteResult], gpu: dict | None = None,
-                 experiment: tuple[Path, dict] | None = None):
+                 experiment: tuple[Path, dict] | None = None, load_test: dict | None = None):
         self.suites = suites
         self.gpu = gpu
         self.experiment = experiment  # (path, results.json of `srp4ctr experiment`) if found
+        self.load_test = load_test  # RESULTS/load_test.json (bench/load_test.py) if found
 
     def measure(self, suite: str, provider: str, case: str,
                 table: str | None = None) -> Measure | None:
@@ -747,6 +750,107 @@ def metric_experiment_time(ctx: Context, *, max_seconds: float, min_seeds: int) 
     return Verdict(fig, "met" if ok else "not met")
 
 
+LOAD_TEST_JSON = "load_test.json"
+NO_LOAD_TEST = f"not measured: no {LOAD_TEST_JSON} (run `python bench/load_test.py`)"
+
+
+def load_load_test(results: Path) -> dict | None:
+    """``results/load_test.json`` of ``bench/load_test.py``, if there is one."""
+    try:
+        doc = json.loads((Path(results) / LOAD_TEST_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("cases"), list) else None
+
+
+def _load_case(ctx: Context, *, store: str = "memory", state: str = "warm",
+               mode: str = "batching", clients: int, candidates: int) -> dict | None:
+    return next((c for c in (ctx.load_test or {}).get("cases", [])
+                 if (c.get("store"), c.get("state"), c.get("mode"), c.get("clients"),
+                     c.get("candidates")) == (store, state, mode, clients, candidates)), None)
+
+
+def _load_missing(ctx: Context, what: str) -> Verdict:
+    return Verdict("—", NO_LOAD_TEST if ctx.load_test is None else
+                   f"not measured: {LOAD_TEST_JSON} has no {what} case")
+
+
+def metric_load_batching(ctx: Context, *, clients: int, candidates: int, min_ratio: float,
+                         max_tail: float) -> Verdict:
+    """The load test at ``clients`` and ``candidates`` (memory store, warm): batching's
+    throughput over one-at-a-time scoring's, met at >= ``min_ratio`` with batching's p99 / p50
+    <= ``max_tail``."""
+    on = _load_case(ctx, clients=clients, candidates=candidates)
+    off = _load_case(ctx, mode="one_at_a_time", clients=clients, candidates=candidates)
+    if on is None or off is None:
+        return _load_missing(ctx, f"{clients}-client, C = {candidates} batching / one-at-a-time")
+    ratio, tail = on["rps"] / off["rps"], on["p99_ms"] / on["p50_ms"]
+    fig = (f"{fmt_x(ratio)} ({on['rps']:.0f} vs {off['rps']:.0f} req/s); batching p99 / p50 "
+           f"= {tail:.2f} ({on['p99_ms']:.0f} / {on['p50_ms']:.0f} ms); client "
+           f"{ctx.load_test.get('client', 'httpx')}")
+    return Verdict(fig, "met" if ratio >= min_ratio and tail <= max_tail else "not met")
+
+
+def metric_load_health(ctx: Context, *, max_errors: int, max_rss_growth: float) -> Verdict:
+    """Over every case of the load test: errors at most ``max_errors`` and the server's RSS
+    growth below ``max_rss_growth``."""
+    cases = (ctx.load_test or {}).get("cases", [])
+    if not cases:
+        return _load_missing(ctx, "any")
+    errors = sum(c["errors"] for c in cases)
+    growth = max(c["rss_growth"] for c in cases)
+    fig = (f"{errors} errors in {sum(c['requests'] for c in cases)} requests over "
+           f"{len(cases)} cases; largest RSS growth {fmt_pct(growth)}")
+    return Verdict(fig, "met" if errors <= max_errors and growth < max_rss_growth else "not met")
+
+
+def metric_load_overhead(ctx: Context, *, candidates: int, max_ms: float) -> Verdict:
+    """The server's own time per request (its mean less the engine thread's, measured in the
+    server) at 1 client, ``candidates`` candidates, memory store warm: met at <= ``max_ms``."""
+    c = _load_case(ctx, clients=1, candidates=candidates)
+    if c is None or c.get("server_overhead_ms") is None:
+        return _load_missing(ctx, f"1-client C = {candidates} (with the engine time)")
+    fig = (f"{c['server_overhead_ms']:.2f} ms (server mean {c['server_mean_ms']:.2f} ms less "
+           f"the engine thread's {c['engine_mean_ms']:.2f} ms)")
+    return Verdict(fig, "met" if c["server_overhead_ms"] <= max_ms else "not met")
+
+
+def metric_load_store_share(ctx: Context, *, candidates: int, max_share: float) -> Verdict:
+    """A warm Redis hit's share of the request (the store look-up's mean over the server's mean
+    request) at 1 client and ``candidates``: met at <= ``max_share``."""
+    c = _load_case(ctx, store="redis", clients=1, candidates=candidates)
+    if c is None or c.get("store_get_share") is None:
+        return _load_missing(ctx, f"1-client C = {candidates} Redis warm (with store timings)")
+    fig = (f"{fmt_pct(c['store_get_share'])} (look-up {c['store_get_mean_ms']:.2f} ms of "
+           f"{c['server_mean_ms']:.2f} ms)")
+    return Verdict(fig, "met" if c["store_get_share"] <= max_share else "not met")
+
+
+def load_test_lines(doc: dict | None) -> list[str]:
+    """The load test's cases as a table (``bench/load_test.py``)."""
+    lines = ["## Load test (`srp4ctr serve`)", ""]
+    if doc is None:
+        return lines + [f"Not run (no `{LOAD_TEST_JSON}`: `python bench/load_test.py`).", ""]
+    mi = doc.get("machine", {})
+    lines += [f"`bench/load_test.py` on {mi.get('cpu', '?')} ({mi.get('isa', '?')}, "
+              f"{mi.get('cores', '?')} cores shared by the server and the client); client "
+              f"{doc.get('client', 'httpx')}, {doc.get('duration_s', '?')} s per case, engine "
+              f"threads {doc.get('server_threads', '?')}. Server mean: the request in the app "
+              "(parsing to response); engine: the engine thread's time per engine call.", ""]
+    rows = []
+    for c in doc["cases"]:
+        def ms(k):
+            return f"{c[k]:.1f}" if c.get(k) is not None else "—"
+        rows.append([f"{c['store']} {c['state']}", c["mode"].replace("_", " "),
+                     str(c["candidates"]), str(c["clients"]), f"{c['rps']:.0f}", ms("p50_ms"),
+                     ms("p95_ms"), ms("p99_ms"), ms("server_mean_ms"), ms("engine_mean_ms"),
+                     f"{c['users_per_engine_call']:.2f}" if c.get("users_per_engine_call")
+                     else "—", str(c["errors"]), fmt_pct(c["rss_growth"])])
+    return lines + _table(["store", "scoring", "C", "clients", "req/s", "p50 ms", "p95 ms",
+                           "p99 ms", "server mean ms", "engine ms / call", "users / call",
+                           "errors", "RSS growth"], rows) + [""]
+
+
 # goals.toml's ``metric`` -> the function that evaluates it
 METRICS: dict[str, Callable[..., Verdict]] = {
     "speedup": metric_speedup,
@@ -757,6 +861,10 @@ METRICS: dict[str, Callable[..., Verdict]] = {
     "latencies": metric_latencies,
     "roofline_floor": metric_roofline_floor,
     "experiment_time": metric_experiment_time,
+    "load_batching": metric_load_batching,
+    "load_health": metric_load_health,
+    "load_overhead": metric_load_overhead,
+    "load_store_share": metric_load_store_share,
 }
 GOALS_FILE = Path(__file__).with_name("goals.toml")
 
@@ -1012,7 +1120,8 @@ def build_report(results: Path, out: Path, *, command: str | None = None,
     results, out = Path(results), Path(out)
     suites, ignored = load_results(results)
     gpu = newest_gpu_result(results)
-    ctx = Context(suites, gpu[1] if gpu else None, find_experiment(results))
+    load_test = load_load_test(results)
+    ctx = Context(suites, gpu[1] if gpu else None, find_experiment(results), load_test)
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     commands = _ordered((s.meta.get("command") for s in suites.values() if s.meta.get("command")),
                         lambda c: c)
@@ -1053,6 +1162,7 @@ def build_report(results: Path, out: Path, *, command: str | None = None,
         else:
             lines += [f"## {title}", "", f"Not run (no `{name}.json` under the results folder).",
                       ""]
+    lines += load_test_lines(load_test)
     lines += _gpu_lines(gpu)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.md"

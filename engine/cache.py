@@ -200,7 +200,7 @@ class UserCache:
             t = t.detach().to("cpu").contiguous()
             h.update(f"{name}|{_dtype_name(t.dtype)}|{tuple(t.shape)}|".encode())
             if t.numel():
-                h.update(t.view(torch.uint8).numpy().tobytes())
+                h.update(t.view(torch.uint8).numpy())  # hashed in place: no copy
         return h.hexdigest()
 
     def metadata(self) -> dict[str, str]:

@@ -329,8 +329,51 @@ def test_every_suite_file_exists():
 
 def test_goals_file():
     goals = br.load_goals()
-    assert len(goals) == 24 and len({g.id for g in goals}) == 24
+    assert len(goals) == 28 and len({g.id for g in goals}) == 28
     assert all(g.metric in br.METRICS for g in goals)
+
+
+def _load_case(store, state, mode, clients, candidates, **kw):
+    base = {"store": store, "state": state, "mode": mode, "clients": clients,
+            "candidates": candidates, "requests": 100, "errors": 0, "rps": 50.0,
+            "p50_ms": 10.0, "p95_ms": 20.0, "p99_ms": 25.0, "server_mean_ms": 8.0,
+            "engine_mean_ms": 7.5, "users_per_engine_call": 1.0, "rss_growth": 0.01}
+    return {**base, **kw}
+
+
+def test_load_test_goals_and_section(tmp_path):
+    """The serving goals read bench/load_test.py's JSON: the batching ratio and tail at 32
+    clients and C = 1000, errors and RSS over every case, the server's own time, the Redis
+    hit's share; each verdict flips with its figure, and a missing file or case says so."""
+    cases = [_load_case("memory", "warm", "batching", 32, 1000, rps=110.0, p50_ms=300.0,
+                        p99_ms=600.0),
+             _load_case("memory", "warm", "one_at_a_time", 32, 1000, rps=50.0),
+             _load_case("memory", "warm", "batching", 1, 100, server_mean_ms=4.0,
+                        engine_mean_ms=3.2, server_overhead_ms=0.8),
+             _load_case("redis", "warm", "batching", 1, 100, server_mean_ms=5.0,
+                        store_get_mean_ms=1.5, store_get_share=0.3)]
+    doc = {"machine": {"cpu": "X", "isa": "avx2", "cores": 2}, "client": "wrk",
+           "duration_s": 10, "server_threads": 1, "cases": cases}
+    (tmp_path / "load_test.json").write_text(json.dumps(doc))
+    ctx = br.Context({}, load_test=br.load_load_test(tmp_path))
+    got = {g.id: g.evaluate(ctx) for g in br.load_goals() if g.issue == 16}
+    assert got["serve-batching"].status == "met" and "2.20×" in got["serve-batching"].figure
+    assert got["serve-health"].status == "met"
+    assert got["serve-overhead"].status == "met" and "0.80 ms" in got["serve-overhead"].figure
+    assert got["serve-redis-hit"].status == "not met" and "30.0%" in got["serve-redis-hit"].figure
+    cases[0]["p99_ms"] = 1000.0  # p99 / p50 = 3.33
+    cases[1]["errors"] = 1
+    ctx = br.Context({}, load_test=br.load_load_test(tmp_path))  # (re-read: same objects)
+    ctx.load_test = doc
+    assert br.goal("serve-batching").evaluate(ctx).status == "not met"
+    assert br.goal("serve-health").evaluate(ctx).status == "not met"
+    for gid in ("serve-batching", "serve-health", "serve-overhead", "serve-redis-hit"):
+        assert br.goal(gid).evaluate(br.Context({})).status.startswith("not measured")
+    doc["cases"] = cases[1:]
+    assert "has no 32-client" in br.goal("serve-batching").evaluate(ctx).status
+    section = "\n".join(br.load_test_lines(doc))
+    assert "| memory warm | one at a time | 1000 | 32 | 50 |" in section and "wrk" in section
+    assert "Not run" in "\n".join(br.load_test_lines(None))
 
 
 def test_bench_outside_a_source_checkout(tmp_path, monkeypatch, capsys):

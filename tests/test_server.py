@@ -370,3 +370,30 @@ def test_redis_store_against_a_real_server_and_an_outage(redis_server, engine, b
         assert np.abs(np.asarray(out.json()["probabilities"]) - want(engine, b)).max() <= ATOL
         assert store.errors >= 2
         assert 'result="error"' in c.get("/metrics").text
+
+
+@pytest.mark.parametrize("client", ["httpx", "wrk"])
+def test_the_load_test_runs_and_reads_the_servers_metrics(tmp_path, client):
+    """bench/load_test.py end to end at its smallest (two servers, memory store, no Redis):
+    every case answered without errors, the server-side figures read from /metrics (the engine
+    thread's time below the request's, the store look-ups), the JSON and plot written."""
+    if client == "wrk" and shutil.which("wrk") is None:
+        pytest.skip("wrk (Debian's wrk package) is not installed")
+    bench = os.path.join(os.path.dirname(__file__), os.pardir, "bench")
+    sys.path.insert(0, bench)
+    try:
+        import load_test
+    finally:
+        sys.path.remove(bench)
+    out = load_test.main(["--duration", "1", "--clients", "1", "--candidates", "5",
+                          "--no-redis", "--client", client, "--out", str(tmp_path / "lt.json"),
+                          "--plot", str(tmp_path / "lt.png")])
+    assert json.loads((tmp_path / "lt.json").read_text()) == json.loads(json.dumps(out))
+    assert (tmp_path / "lt.png").stat().st_size > 0
+    assert [c["mode"] for c in out["cases"]] == ["batching", "one_at_a_time"]
+    for c in out["cases"]:
+        assert c["client"] == client and c["requests"] > 0 and c["errors"] == 0
+        assert 0 < c["engine_mean_ms"] < c["server_mean_ms"]
+        assert c["server_overhead_ms"] == pytest.approx(c["server_mean_ms"]
+                                                        - c["engine_mean_ms"])
+        assert c["store_get_mean_ms"] > 0 and c["users_per_engine_call"] == 1.0

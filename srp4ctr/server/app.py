@@ -125,6 +125,11 @@ class Metrics:
                                 "server's own (HTTP, JSON, queue)", registry=self.registry,
                                 buckets=(.0002, .0005, .001, .002, .005, .01, .02, .05, .1, .2,
                                          .5, 1, 2, 5))
+        self.store = Histogram("srp4ctr_store_seconds", "user-state store calls (get: the "
+                               "look-up and decoding of a cached state; put)", ["op"],
+                               registry=self.registry,
+                               buckets=(.00005, .0001, .0002, .0005, .001, .002, .005, .01,
+                                        .02, .05, .1))
         self.state = Counter("srp4ctr_user_state_total",
                              "user states by origin: store hit, encoded, or store error",
                              ["result"], registry=self.registry)
@@ -257,7 +262,9 @@ class ScoringService:
                 job.state = "shared"
                 continue
             before = self.store.errors
+            t0 = time.perf_counter()
             c = self.store.get(key)
+            m.store.labels("get").observe(time.perf_counter() - t0)
             if c is not None:
                 caches[key], job.state = c, "hit"
                 m.state.labels("hit").inc()
@@ -271,7 +278,9 @@ class ScoringService:
             self.encoded += len(new)
             for k, c in zip(keys, new):
                 caches[k] = c
+                t0 = time.perf_counter()
                 self.store.put(k, c)
+                m.store.labels("put").observe(time.perf_counter() - t0)
         if not keyed:
             return
         jobs = [j for j, _, _ in keyed]
