@@ -378,6 +378,35 @@ def test_older_npz_caches_are_still_read(tmp_path):
         data.load_prepared(ds.path)
 
 
+def test_saving_over_a_mapped_folder_and_missing_or_stray_files(tmp_path):
+    """save() into the folder a dataset is memory-mapped from keeps it intact (each file is
+    written beside and renamed over), drops an earlier save's extra arrays, and a folder that
+    lost an array is a DataError naming the file, with or without verify."""
+    folder = write_ml_dat(tmp_path / "ml", random_ratings(n_users=6, seed=13))
+    ds = data.prepare("ml-1m", path=folder, data_dir=tmp_path / "c", progress=False)
+    mapped = data.load_prepared(ds.path)
+    want = {k: np.array(v) for k, v in mapped.arrays().items()}
+    stray = ds.path / "arrays" / "behaviour__zzz.npy"
+    np.save(stray, np.zeros(3, np.uint8))
+    mapped.save(ds.path)
+    assert not stray.exists() and not list((ds.path / "arrays").glob("*.tmp"))
+    for k, v in mapped.arrays().items():  # the old mapping still reads what it did
+        assert np.array_equal(v, want[k]), k
+    again = data.load_prepared(ds.path)
+    assert again.compute_fingerprint() == ds.fingerprint
+    assert set(again.behaviour) == set(ds.behaviour)
+    np.save(stray, np.zeros(3, np.uint8))  # a file meta.json does not list is not read
+    assert set(data.load_prepared(ds.path).behaviour) == set(ds.behaviour)
+    (ds.path / "arrays" / "behaviour__gap.npy").unlink()
+    for verify in (True, False):
+        with pytest.raises(DataError, match="behaviour__gap.npy missing"):
+            data.load_prepared(ds.path, verify=verify)
+    meta = json.loads((ds.path / "meta.json").read_text())
+    (ds.path / "meta.json").write_text(json.dumps({**meta, "arrays": ["../meta"]}))
+    with pytest.raises(DataError, match="'arrays'"):
+        data.load_prepared(ds.path)
+
+
 def test_load_prepared_and_env_data_dir(tmp_path, monkeypatch):
     folder = write_ml_dat(tmp_path / "ml", random_ratings(n_users=4, seed=9))
     monkeypatch.setenv("SRP4CTR_DATA_DIR", str(tmp_path / "envdir"))

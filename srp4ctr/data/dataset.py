@@ -432,17 +432,27 @@ class PreparedDataset:
         :data:`ROW_DTYPES`, behaviour tokens and tables in their smallest unsigned dtype) and
         ``meta.json`` into ``directory`` (which must exist)."""
         d = Path(directory)
-        (d / ARRAYS_DIR).mkdir(exist_ok=True)
-        for k, a in self.arrays().items():
-            if k not in ROW_DTYPES:
+        folder = d / ARRAYS_DIR
+        folder.mkdir(exist_ok=True)
+        arrays = self.arrays()
+        for k, a in arrays.items():
+            if k not in ROW_DTYPES and a.dtype.kind != "u":
                 a = _compact(a)
-            with open(d / ARRAYS_DIR / f"{k}.npy", "wb") as f:
+            # each file written beside, then renamed over the old one: saving a dataset into
+            # the folder it is memory-mapped from leaves the mapped files intact
+            tmp = folder / f"{k}.npy.tmp"
+            with open(tmp, "wb") as f:
                 np.save(f, np.ascontiguousarray(a), allow_pickle=False)
                 f.flush()
                 os.fsync(f.fileno())
+            os.replace(tmp, folder / f"{k}.npy")
+        for p in folder.glob("*.npy"):  # an earlier save's arrays that this one lacks
+            if p.stem not in arrays:
+                p.unlink()
         meta = dict(self.meta)
         meta["fingerprint"] = self.fingerprint
         meta["storage"] = ARRAYS_DIR
+        meta["arrays"] = sorted(arrays)
         with open(d / META_FILE, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1, sort_keys=False)
             f.flush()
@@ -467,11 +477,16 @@ def _canonical_dtype(key: str, a: np.ndarray) -> np.dtype:
     return a.dtype
 
 
-def _read_npy_dir(folder: Path, mmap: bool) -> dict[str, np.ndarray]:
-    """Every ``<key>.npy`` of ``folder`` (no pickles), memory-mapped read-only with ``mmap``;
-    :class:`DataError` naming the file if one is unreadable."""
+def _read_npy_dir(folder: Path, mmap: bool, keys: list[str] | None = None
+                  ) -> dict[str, np.ndarray]:
+    """The ``<key>.npy`` of ``folder`` for each of ``keys`` (the list ``meta.json`` records;
+    None, in folders written before it did: every file), no pickles, memory-mapped read-only
+    with ``mmap``; :class:`DataError` naming the file if one is missing or unreadable."""
     out: dict[str, np.ndarray] = {}
-    for p in sorted(folder.glob("*.npy")):
+    paths = sorted(folder.glob("*.npy")) if keys is None else [folder / f"{k}.npy" for k in keys]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"{ARRAYS_DIR}/{p.name} missing", path=str(p))
         try:
             out[p.stem] = np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
         except (OSError, ValueError, EOFError) as e:
@@ -613,7 +628,12 @@ def load_prepared(
     if meta.get("storage") == ARRAYS_DIR:
         if not npy_dir.is_dir():
             raise DataError(f"{ARRAYS_DIR}/ missing", path=str(d))
-        arr = _read_npy_dir(npy_dir, mmap)
+        keys = meta.get("arrays")
+        if keys is not None and not (isinstance(keys, list)
+                                     and all(isinstance(k, str) and k.isidentifier()
+                                             for k in keys)):
+            raise DataError("meta.json: 'arrays' is not a list of array names", path=str(mpath))
+        arr = _read_npy_dir(npy_dir, mmap, keys)
     else:
         arr = _read_npz(npz)
 
@@ -639,8 +659,8 @@ def load_prepared(
         )
     except KeyError as e:
         raise DataError(f"prepared dataset lacks {e}", path=str(d)) from None
-    except ValueError as e:  # a truncated or garbled .npy that np.load let through
-        raise DataError(f"prepared dataset arrays unreadable: {e}", path=str(d)) from None
+    except (ValueError, TypeError) as e:  # a garbled .npy np.load let through, or meta value
+        raise DataError(f"prepared dataset garbled: {e}", path=str(d)) from None
     if verify and ds.compute_fingerprint() != meta.get("fingerprint"):
         raise DataError("arrays do not match the stored fingerprint (corrupted cache)", path=str(d))
     ds.path = d

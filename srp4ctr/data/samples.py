@@ -50,6 +50,8 @@ _FLOAT_KEYS = ("label",)
 
 
 def _sorted_unique(k: np.ndarray) -> np.ndarray:
+    """``np.unique(k)`` by a sort: numpy 2's ``unique`` of integers hashes, ~20× slower at
+    tens of millions of keys."""
     k = np.sort(k)
     keep = np.ones(k.size, dtype=bool)
     keep[1:] = k[1:] != k[:-1]
@@ -61,14 +63,13 @@ def _user_item_keys(ds: PreparedDataset, users: np.ndarray | None = None) -> np.
     only of the interactions of ``users`` when they are a small part of the users (an
     evaluation subset: its own rows, not the whole log)."""
     m = np.int64(ds.n_items + 2)
-    if users is not None:
-        u = np.unique(np.asarray(users, dtype=np.int64))
-        if u.size * 8 < ds.n_users:
-            start, end = ds.user_offsets[u - 1], ds.user_offsets[u]
-            lens = end - start
-            first = np.cumsum(lens) - lens
-            rows = np.repeat(start - first, lens) + np.arange(int(lens.sum()), dtype=np.int64)
-            return _sorted_unique(np.repeat(u, lens) * m + ds.item[rows].astype(np.int64))
+    if users is not None and np.size(users) * 8 < ds.n_users:  # (their unique ids, fewer)
+        u = _sorted_unique(np.asarray(users, dtype=np.int64))
+        start, end = ds.user_offsets[u - 1], ds.user_offsets[u]
+        lens = end - start
+        first = np.cumsum(lens) - lens
+        rows = np.repeat(start - first, lens) + np.arange(int(lens.sum()), dtype=np.int64)
+        return _sorted_unique(np.repeat(u, lens) * m + ds.item[rows].astype(np.int64))
     keys = getattr(ds, "_ui_keys", None)
     if keys is None:
         keys = _sorted_unique(ds.user.astype(np.int64) * m + ds.item.astype(np.int64))
@@ -409,7 +410,8 @@ class CTRDataset(_WindowSamples):
         label = label.reshape(-1)
         rows = np.repeat(pos, 1 + k)
         keep = cand > 0  # a user who has seen every item has no negatives
-        self._set(ds.user[rows][keep], self._history_end(rows[keep]), rows[keep])
+        ends = np.repeat(self._history_end(pos), 1 + k)  # once per positive, not per candidate
+        self._set(ds.user[rows][keep], ends[keep], rows[keep])
         self.extras = {"cand_item": cand[keep], "label": label[keep]}
 
     def _history_end(self, rows: np.ndarray) -> np.ndarray:
