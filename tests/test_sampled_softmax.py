@@ -36,10 +36,11 @@ def _full(h, w, b, t):
 @pytest.mark.parametrize("kind", ["uniform", "log_uniform"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sampled_loss_and_gradient_approach_the_full_softmax(kind, seed):
-    """Averaged over draws, the logQ-corrected sampled loss is within a few percent of the full
+    """Averaged over draws, the logQ-corrected sampled loss, with a tenth of the vocabulary
+    as negatives (the regime it exists for: K much smaller than V), is within 3% of the full
     cross-entropy and its gradient points the same way (cosine > 0.99); with few negatives it
     is further off, as an estimate should be."""
-    vocab, P, d = 300, 24, 8
+    vocab, P, d = 3000, 24, 8
     h, w, b, t = _toy(vocab, P, d, seed)
     counts = np.random.default_rng(seed).zipf(1.3, vocab).astype(float)  # skewed frequencies
     h.requires_grad_(True)
@@ -57,9 +58,9 @@ def test_sampled_loss_and_gradient_approach_the_full_softmax(kind, seed):
             grads.append(g)
         return float(np.mean(losses)), torch.stack(grads).mean(0)
 
-    loss_k, g_k = estimate(4000, 20)
+    loss_k, g_k = estimate(300, 40)
     full = float(full.detach())
-    assert abs(loss_k - full) < 0.03 * full + 0.02
+    assert abs(loss_k - full) < 0.03 * full
     cos = F.cosine_similarity(g_k.reshape(1, -1), g_full.reshape(1, -1)).item()
     assert cos > 0.99
     loss_small, _ = estimate(8, 20)
@@ -75,12 +76,16 @@ def test_sampler_draws_follow_their_distribution_and_skip_excluded_ids():
     assert ids.min() >= 1 and ids.max() <= vocab - 2
     freq = np.bincount(ids.numpy(), minlength=vocab) / ids.numel()
     n = vocab - 2
-    for rank, item in enumerate([1, 2, 3, 10]):  # counts rank ids 1, 2, 3, ... in that order
-        want = math.log((rank + 2) / (rank + 1)) / math.log(n + 1)
-        if item == 10:
-            want = math.log((9 + 2) / (9 + 1)) / math.log(n + 1)
-        assert abs(freq[item] - want) < 0.01
-    assert torch.allclose(log_e, s.log_p[ids] + math.log(200_000))
+    # the counts rank ids 1, 2, 3, ... in that order: id i has rank i - 1, and the Zipf law
+    # P(rank r) = log((r + 2) / (r + 1)) / log(n + 1) in closed form
+    zipf = np.zeros(vocab)
+    r = np.arange(n)
+    zipf[1 : n + 1] = np.log((r + 2) / (r + 1)) / math.log(n + 1)
+    assert np.allclose(s.log_p.exp().numpy(), zipf, atol=1e-9)
+    sd = np.sqrt(zipf * (1 - zipf) / ids.numel())
+    assert (np.abs(freq - zipf) <= 5 * sd + 1e-12).all()  # every id within 5 sd of its law
+    assert torch.allclose(log_e, torch.as_tensor(np.log(zipf[ids.numpy()]) + math.log(200_000),
+                                                 dtype=log_e.dtype))
     u = NegativeSampler("uniform", vocab, 100_000, exclude=(0,))
     ids, _ = u.draw(torch.tensor([1]), torch.Generator().manual_seed(1))
     freq = np.bincount(ids.numpy(), minlength=vocab)[1:] / ids.numel()

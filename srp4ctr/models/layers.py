@@ -102,9 +102,9 @@ class FieldEmbedding(nn.Module):
     field and embeds to zeros (``padding_idx=0``). The OOV item row starts at zero.
 
     With ``config.item_only`` (BERT4Rec-style) only the item id field is used. A single-valued
-    field whose pre-training head is sampled (:meth:`ModelConfig.sampled`: a vocabulary above
-    ``sampled_softmax_above``) has a sparse-gradient table (``sparse_fields``): a step's gradient
-    holds only the rows it touched.
+    field whose vocabulary exceeds ``sampled_softmax_above`` (:meth:`ModelConfig.sampled`: its
+    FG-BERT head is sampled) has a sparse-gradient table (``sparse_fields``), in every model that
+    embeds with this class: a step's gradient holds only the rows it touched.
     """
 
     def __init__(self, spec: ModelSpec, config: ModelConfig):

@@ -3,15 +3,18 @@
 A full softmax over V items costs ``P × V`` logits per step for P masked positions (at V = 4.1M
 and a few hundred positions, tens of GB). Above a vocabulary threshold
 (:attr:`~srp4ctr.models.ModelConfig.sampled_softmax_above`) FG-BERT's single-valued heads
-score each masked position against its target and K shared negatives instead, and correct every
-logit by the log of its expected count in the sample (the "logQ" correction of Jean et al. 2015
-and of TensorFlow's ``sampled_softmax_loss``)::
+score each masked position against its target and K shared negatives instead, and correct each
+negative's logit by the log of its expected count in the sample (the "logQ" correction of Jean
+et al. 2015)::
 
-    o_j   = logit_j − log(K · Q(j))          for the target and each sampled j
-    loss  = −log softmax([o_target, o_s1 … o_sK])[0]   (sampled j equal to the target: −inf)
+    o_sk  = logit_sk − log(K · Q(sk))        for each sampled negative sk (not the target)
+    loss  = −log softmax([logit_target, o_s1 … o_sK])[0]   (sampled sk equal to the target: −inf)
 
-``Σ_k exp(o_sk)`` is then an importance-sampling estimate of ``Σ_j exp(logit_j)``, so the loss
-and its gradient approach the full softmax's as K grows (tested on a toy problem).
+``exp(logit_target) + Σ_k exp(o_sk)`` is then an unbiased estimate of ``Σ_j exp(logit_j)``, so
+the loss and its gradient approach the full softmax's as K grows (tested on a toy problem). The
+target's logit is left as it is on purpose: correcting it too (as TensorFlow's
+``sampled_softmax_loss`` does for its true classes) adds log(K · Q(target)) to the loss, which
+grows with K and never reaches the full softmax.
 
 Samplers (ids 1 .. V−2: padding 0 and the out-of-vocabulary id never drawn):
 
@@ -19,7 +22,7 @@ Samplers (ids 1 .. V−2: padding 0 and the out-of-vocabulary id never drawn):
   ``P(rank r) = log((r + 2) / (r + 1)) / log(N + 1)``, with replacement; the default, since item
   popularity is close to a power law;
 - ``"uniform"``: every id alike, with replacement;
-- ``"in_batch"``: the batch's own targets are the negatives (no extra rows gathered);
+- ``"in_batch"``: the batch's own targets are the negatives (their rows gathered once);
   ``Q(j)`` is the unigram frequency of j in training, times the number of targets.
 
 Only the rows a step touches get gradients: the head gathers them with sparse gradients, and
@@ -129,7 +132,8 @@ def sampled_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     s, log_es = sampler.draw(t, generator)
     k = s.numel()
     w_t = F.embedding(t, weight, sparse=sparse)  # [P, d]
-    w_s = F.embedding(s, weight, sparse=sparse)  # [K, d]
+    # in-batch negatives are the targets themselves: their rows once
+    w_s = w_t if sampler.kind == "in_batch" else F.embedding(s, weight, sparse=sparse)  # [K, d]
     pos = (h * w_t).sum(-1) + bias[t]
     neg = h @ w_s.T + bias[s] - log_es  # [P, K]
     neg = neg.masked_fill(s[None, :] == t[:, None], float("-inf"))  # accidental hits

@@ -204,8 +204,11 @@ class ModelConfig:
     freeze_encoder: the pre-trained FG-BERT (its embeddings included) is not trained in fine-tuning.
     softmax: FG-BERT's pre-training heads of single-valued fields: ``"full"`` (every value
         scored), ``"sampled"`` (:mod:`srp4ctr.models.sampled_softmax`), or ``"auto"``: sampled
-        for a field whose vocabulary exceeds ``sampled_softmax_above``, full below. A sampled
-        field's embedding table gets sparse gradients (only the rows a step touches).
+        for a field whose vocabulary exceeds ``sampled_softmax_above``, full below.
+        ``sampled_softmax_above`` also sizes the embedding tables: a single-valued field's table
+        with more rows is a sparse-gradient table (a step's gradient holds only the rows it
+        touched) in every model, pre-trained or fine-tuned, and training steps it with
+        ``SparseAdam`` (lazy Adam, no weight decay: a warning says so when it is set).
     sampled_softmax_above: the vocabulary size above which ``"auto"`` samples.
     sampler: ``"log_uniform"`` (Zipf over training-frequency ranks), ``"uniform"`` or
         ``"in_batch"``; ``n_sampled``: negatives per step (not used by ``"in_batch"``).

@@ -47,11 +47,13 @@ RUN_CONFIG_FILE = "run.yaml"
 # helpers
 
 
-def seed_everything(seed: int) -> torch.Generator:
+def seed_everything(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """Seed Python, numpy and torch; returns a generator on ``device`` seeded alike (torch
+    draws on a device only from a generator of that device type)."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-    g = torch.Generator()
+    g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
 
@@ -413,7 +415,9 @@ def _train_epochs(
                 break
     assert best_state is not None
     # the optimizer and its schedule refer to each other: free their state now, not at the next
-    # garbage collection (Adam's moments are twice the model: 2 GB at 4M items)
+    # garbage collection (Adam's moments are twice the model: 2 GB at 4M items), and the last
+    # step's gradients (as large as the model) with them
+    model.zero_grad(set_to_none=True)
     del opt, sched
     release_memory()
     model.load_state_dict(best_state)
@@ -453,7 +457,7 @@ def pretrain(
     mcfg = entry.configure(model_config or ModelConfig())  # saved as the checkpoint's config
     _set_threads(cfg)
     world = init_world(cfg.device)
-    gen = seed_everything(cfg.seed + 1000 * world.rank)
+    gen = seed_everything(cfg.seed + 1000 * world.rank, cfg.device)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     spec = ModelSpec.from_dataset(ds)
     model = entry.build(spec, mcfg).to(cfg.device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -73,6 +75,11 @@ def make_optimizer(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     if not sparse:
         return opt, sched
+    if weight_decay > 0:
+        logging.getLogger(__name__).warning(
+            "weight_decay %g applies to the dense parameters only: the %d sparse-gradient "
+            "embedding table(s) (vocabularies above ModelConfig.sampled_softmax_above) are "
+            "stepped by SparseAdam, without decay", weight_decay, len(sparse))
     sopt = torch.optim.SparseAdam(sparse, lr=lr)
     ssched = torch.optim.lr_scheduler.LambdaLR(sopt, factor)
     return _Steps([opt, sopt]), _Steps([sched, ssched])
