@@ -17,13 +17,14 @@ own process so that its peak RSS is its own:
    rank's peak RSS and its proportional set size (PSS, shared pages split between the ranks);
 3. ``finetune`` — SRP4CTR from that checkpoint, one slice: samples/s, peak RSS;
 4. ``engine`` — ``Engine.load`` of the fine-tuned run (time, RSS) and requests: one user's
-   50-event history encoded and C = 1000 random items scored, median of 30.
+   50-event history encoded and C = 1000 items scored (each round its own history and
+   candidates, drawn by the log's popularity), median of 30.
 
 The same stages run on a reference log with the same events per user but 100k items and
 1/10 of the events (``reference`` in the JSON), for the goals' ratios: pre-training throughput
 at 4M items against 100k items, and the request latency at 4M against 100k. ``--events
-100_000_000`` is the full Taobao size (about an hour on 2 cores, most of it generating and
-preparing). Writes JSON (every stage's figures, the machine) to ``--out``.
+100_000_000`` is the full Taobao size (about 10 minutes on 2 cores, most of it preparing;
+with ``--no-reference``). Writes JSON (every stage's figures, the machine) to ``--out``.
 """
 
 from __future__ import annotations
@@ -180,18 +181,23 @@ def stage_finetune(args) -> dict:
 
 def _requests(engine, ds, args) -> dict:
     """Median / p90 of whole requests (a 50-event history encoded, C candidates scored) and
-    of the candidate side alone (the user cached), 30 rounds after 3 warm-ups."""
+    of the candidate side alone (the user cached), 30 rounds after 3 warm-ups. Every round
+    has its own history and candidates, drawn by popularity like the log's events: the same
+    candidates every round would score from rows already in the CPU's caches, hiding what a
+    large catalogue costs."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     raw_items = np.asarray(ds.item_raw[1:])
+    weights = np.bincount(np.asarray(ds.item, dtype=np.int64), minlength=len(ds.item_raw))[1:]
+    p = weights / weights.sum()
     n = args.max_len
-    history = {"item_id": rng.choice(raw_items, n).tolist(),
-               "timestamp": (T0 + np.sort(rng.integers(0, DAYS * 86400, n))).tolist(),
-               "behavior": rng.choice(BEHAVIOURS, n).tolist()}
-    cands = rng.choice(raw_items, args.candidates)
+    rounds = [({"item_id": rng.choice(raw_items, n, p=p).tolist(),
+                "timestamp": (T0 + np.sort(rng.integers(0, DAYS * 86400, n))).tolist(),
+                "behavior": rng.choice(BEHAVIOURS, n).tolist()},
+               rng.choice(raw_items, args.candidates, p=p)) for _ in range(33)]
     whole, score = [], []
-    for i in range(33):
+    for i, (history, cands) in enumerate(rounds):
         t = time.perf_counter()
         cache = engine.encode_user(history)
         t1 = time.perf_counter()
@@ -331,7 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(HERE))
     from benchlib import machine
 
-    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="srp4ctr-scale-"))
+    # absolute: the stages run in their own processes from the repository root
+    work = Path(a.work).resolve() if a.work else Path(tempfile.mkdtemp(prefix="srp4ctr-scale-"))
     t0 = time.perf_counter()
     try:
         doc = {"command": "python bench/scale.py " + " ".join(argv),
