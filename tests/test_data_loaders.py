@@ -22,7 +22,7 @@ from data_fixtures import (
 from srp4ctr import data
 from srp4ctr.data import features as F
 from srp4ctr.data import loaders
-from srp4ctr.errors import DataError
+from srp4ctr.errors import DataError, InputError
 
 
 def check_contract(ds: data.PreparedDataset) -> None:
@@ -465,3 +465,26 @@ def test_dropping_mapped_pages_keeps_the_values_and_frees_the_residency(tmp_path
     drop_mapped_pages(m, np.zeros(3))  # a plain array is left alone
     assert before - rss_mib() > 40
     assert int(m.sum()) == total and m[12345] == 12345  # read again from the page cache
+
+
+def test_training_counts_in_blocks_equal_one_bincount(tmp_path, monkeypatch):
+    from srp4ctr.data import dataset as D
+
+    folder = write_ml_dat(tmp_path / "ml", random_ratings(n_users=7, seed=14))
+    ds = data.prepare("ml-1m", path=folder, data_dir=tmp_path / "c", progress=False)
+    tr = ds.split == 0
+    f_item = next(iter(ds.item_table))
+    f_beh = next(iter(ds.behaviour))
+    sizes = {"item": ds.n_items + 2, f_item: int(ds.item_table[f_item].max()) + 1,
+             f_beh: int(ds.behaviour[f_beh].max()) + 1}
+    want = {"item": np.bincount(ds.item[tr], minlength=sizes["item"]),
+            f_item: np.bincount(ds.item_table[f_item][ds.item[tr]].reshape(-1),
+                                minlength=sizes[f_item]),
+            f_beh: np.bincount(ds.behaviour[f_beh][tr], minlength=sizes[f_beh])}
+    for block in (7, 1 << 23):
+        monkeypatch.setattr(D, "_COUNT_BLOCK", block)
+        got = ds.training_counts(sizes)
+        for f in sizes:
+            assert got[f].dtype == np.int64 and np.array_equal(got[f], want[f]), (f, block)
+    with pytest.raises(InputError, match="no field 'nope'"):
+        ds.training_counts({"nope": 3})

@@ -57,7 +57,12 @@ def _toy_catalogue():
     counts = [0, 1, 1, 1, 2, 3, 4, 5, 6, 7]
     item = np.concatenate([np.full(c, i + 1) for i, c in enumerate(counts)] + [[1, 1, 6]])
     split = np.concatenate([np.zeros(sum(counts), np.int8), [1, 2, 2]]).astype(np.int8)
-    return SimpleNamespace(item=item.astype(np.int32), split=split, n_items=10), counts
+    from srp4ctr.data.dataset import PreparedDataset
+
+    ds = SimpleNamespace(item=item.astype(np.int32), split=split, n_items=10,
+                         n_interactions=item.size, item_table={}, behaviour={}, name="toy")
+    ds.training_counts = lambda sizes: PreparedDataset.training_counts(ds, sizes)
+    return ds, counts
 
 
 def test_popularity_threshold_and_assignment_by_hand():

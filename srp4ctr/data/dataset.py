@@ -37,6 +37,7 @@ META_FILE = "meta.json"
 ROW_DTYPES = {"user": np.int32, "item": np.int32, "timestamp": np.int64, "label": np.int8,
               "split": np.int8, "user_offsets": np.int64}
 _HASH_BLOCK = 1 << 22  # elements per step when hashing
+_COUNT_BLOCK = 1 << 23  # rows per step when counting
 
 #: the serving tables of a dataset (no interactions): what a model bundle or an ONNX export
 #: carries so that raw histories and candidate ids can be encoded without the training data
@@ -189,6 +190,27 @@ class PreparedDataset:
         tr, va = F.split_rule_positions(n)
         start = self.user_offsets[:-1]
         return start + tr, start + va
+
+    def training_counts(self, sizes: Mapping[str, int]) -> dict[str, np.ndarray]:
+        """How often each value of each field of ``sizes`` (field -> vocabulary size: ``"item"``,
+        an item-table field or a behaviour field) occurs in the training split, int64 [size];
+        counted over blocks of rows, so a 100M-row dataset makes no 100M-row temporaries."""
+        counts = {f: np.zeros(int(n), dtype=np.int64) for f, n in sizes.items()}
+        for a in range(0, self.n_interactions, _COUNT_BLOCK):
+            b = min(a + _COUNT_BLOCK, self.n_interactions)
+            train = self.split[a:b] == 0
+            items = self.item[a:b][train]
+            for f, c in counts.items():
+                if f == "item":
+                    ids = items
+                elif f in self.item_table:  # (a multi-valued field: each of its values)
+                    ids = self.item_table[f][items].reshape(-1)
+                elif f in self.behaviour:
+                    ids = self.behaviour[f][a:b][train]
+                else:
+                    raise InputError(f"training_counts: no field {f!r} in {self.name}")
+                c += np.bincount(ids, minlength=c.size)[: c.size]
+        return counts
 
     def split_counts(self) -> dict[str, int]:
         c = np.bincount(self.split, minlength=3)

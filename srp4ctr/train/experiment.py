@@ -79,8 +79,7 @@ POPULARITY_GROUPS = ("tail", "head")
 def item_train_counts(ds) -> np.ndarray:
     """Training-split interactions of every internal item id, int64 [n_items + 2] (0 for the
     padding id 0, the out-of-vocabulary id n_items + 1 and items never in the training split)."""
-    items = np.asarray(ds.item)[np.asarray(ds.split) == 0].astype(np.int64)
-    return np.bincount(items, minlength=ds.n_items + 2)[: ds.n_items + 2]
+    return ds.training_counts({"item": ds.n_items + 2})["item"]
 
 
 def popularity_threshold(ds, counts: np.ndarray | None = None,
@@ -127,9 +126,8 @@ def metrics_by_popularity(ds, user: np.ndarray, label: np.ndarray, prob: np.ndar
     for name, m in (("tail", tail), ("head", ~tail)):
         n = int(m.sum())
         if n:
-            res = {"auc": float(metrics.auc(label[m], prob[m])),
-                   "gauc": float(metrics.gauc(user[m], label[m], prob[m])),
-                   "logloss": float(metrics.logloss(label[m], prob[m]))}
+            got = metrics.ctr_metrics(label[m], prob[m], user[m])
+            res = {k: float(got[k]) for k in METRICS}
         else:
             res = {k: float("nan") for k in METRICS}
         out[name] = {**res, "n": n, "threshold": t, "items": int(np.unique(cand[m]).size)}

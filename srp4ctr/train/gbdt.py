@@ -432,15 +432,10 @@ def ctr_features(samples, config: GBDTConfig | None = None, *, seed: int | None 
 
 # ------------------------------------------------------------------------------ training
 def _metrics(user: np.ndarray, label: np.ndarray, prob: np.ndarray) -> dict:
-    """The deep models' CTR metrics (``srp4ctr.train.loop.ctr_metrics``), same keys."""
-    from srp4ctr import metrics
+    """The deep models' CTR metrics, same keys."""
+    from srp4ctr.train.loop import ctr_metrics
 
-    return {
-        "auc": float(metrics.auc(label, prob)),
-        "gauc": float(metrics.gauc(user, label, prob)),
-        "logloss": float(metrics.logloss(label, prob)),
-        "n": len(label),
-    }
+    return ctr_metrics({"user": user, "label": label, "prob": prob})
 
 
 def _threads(train_config) -> int:

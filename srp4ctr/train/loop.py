@@ -232,12 +232,11 @@ def predict_ctr(model: nn.Module, dataset, *, batch_size: int = 1024, device: st
 
 
 def ctr_metrics(pred: dict[str, np.ndarray]) -> dict[str, float]:
-    return {
-        "auc": float(metrics.auc(pred["label"], pred["prob"])),
-        "gauc": float(metrics.gauc(pred["user"], pred["label"], pred["prob"])),
-        "logloss": float(metrics.logloss(pred["label"], pred["prob"])),
-        "n": len(pred["label"]),
-    }
+    """AUC, gAUC, logloss (:func:`srp4ctr.metrics.ctr_metrics`) and ``n`` of a prediction
+    (``user``, ``label``, ``prob``)."""
+    m = metrics.ctr_metrics(pred["label"], pred["prob"], pred["user"])
+    return {"auc": float(m["auc"]), "gauc": float(m["gauc"]), "logloss": float(m["logloss"]),
+            "n": len(pred["label"])}
 
 
 #: the most full-ranking logits one evaluation batch computes at once (128 MB in fp32); above
@@ -507,9 +506,6 @@ def pretrain(
     return result
 
 
-_COUNT_BLOCK = 1 << 23
-
-
 def _samplers(model: nn.Module, ds, device: str) -> dict:
     """The negative samplers of ``model``'s sampled heads, from training-split frequencies."""
     from srp4ctr.models.sampled_softmax import NegativeSampler
@@ -517,20 +513,7 @@ def _samplers(model: nn.Module, ds, device: str) -> dict:
     fields = getattr(model, "sampled_fields", [])
     if not fields:
         return {}
-    counts = {f: np.zeros(model.spec.vocab[f], dtype=np.int64) for f in fields}
-    for a in range(0, ds.n_interactions, _COUNT_BLOCK):  # blocks: no 100M-row temporaries
-        b = min(a + _COUNT_BLOCK, ds.n_interactions)
-        train = ds.split[a:b] == 0
-        items = ds.item[a:b][train]
-        for f in fields:
-            if f == "item":
-                ids = items
-            elif f in ds.item_table:
-                ids = ds.item_table[f][items]
-            else:
-                ids = ds.behaviour[f][a:b][train]
-            counts[f] += np.bincount(ids, minlength=counts[f].size)[: counts[f].size]
-    drop_mapped_pages(ds.split, ds.item, *ds.behaviour.values())
+    counts = ds.training_counts({f: model.spec.vocab[f] for f in fields})
     out = {}
     for f in fields:
         vocab = model.spec.vocab[f]
