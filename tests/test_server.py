@@ -287,13 +287,19 @@ def test_srp4ctr_serve_command_and_graceful_shutdown(bundle, engine, tmp_path):
         r = httpx.post(url + "/v1/score", json=b, timeout=30)
         assert r.status_code == 200
         assert np.abs(np.asarray(r.json()["probabilities"]) - want(engine, b)).max() <= ATOL
-        # in flight when SIGTERM arrives: still answered
+        # in flight when SIGTERM arrives (the server has received them: /readyz counts them,
+        # else a loaded machine may not have sent them all yet): still answered
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             futs = [pool.submit(httpx.post, url + "/v1/score",
                                 json=body(ds, 1 + i, n_cands=3000, seed=i), timeout=60)
                     for i in range(8)]
-            time.sleep(0.3)
+            for _ in range(600):
+                q = httpx.get(url + "/readyz", timeout=5).json()["queue"]
+                if q["in_flight"] + sum(f.done() for f in futs) >= len(futs):
+                    break
+                time.sleep(0.01)
             proc.send_signal(signal.SIGTERM)
+            assert q["in_flight"] >= 1  # some really were in flight
             done = [f.result() for f in futs]
         assert all(r.status_code == 200 for r in done)
         # uvicorn re-raises the signal it handled once it has shut down: killed by SIGTERM,

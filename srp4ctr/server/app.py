@@ -28,8 +28,15 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr,
-                      ValidationError)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 
 from srp4ctr.errors import InputError
 
@@ -167,6 +174,7 @@ class ScoringService:
         self.ready = False
         self.encoded = 0
         self.arriving = 0  # requests received by the HTTP layer and not yet queued here
+        self.in_flight = 0  # scoring requests received and not yet answered
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -404,6 +412,7 @@ class _Observe:
         status = 500
         scope.setdefault("state", {})
         s.arriving += 1
+        s.in_flight += 1
 
         async def sent(msg):
             nonlocal status
@@ -414,6 +423,7 @@ class _Observe:
         try:
             await self.app(scope, receive, sent)
         finally:
+            s.in_flight -= 1
             if not scope["state"].get("queued"):
                 s.arriving -= 1
             self.metrics.requests.labels(path, str(status)).inc()
@@ -564,8 +574,8 @@ def create_app(engine=None, cfg: ServerConfig | None = None, store: StateStore |
         s = service()
         return {"status": "ready", "model": s.engine.fingerprint, "backend": s.engine.backend,
                 "store": s.store.stats(), "batching": cfg.batching,
-                "queue": {"queued": s._queue.qsize(), "arriving": s.arriving,
-                          "encoded_users": s.encoded}}
+                "queue": {"in_flight": s.in_flight, "queued": s._queue.qsize(),
+                          "arriving": s.arriving, "encoded_users": s.encoded}}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
