@@ -39,9 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 import benchlib
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 
@@ -53,10 +52,9 @@ def _free_port() -> int:
 
 
 def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    from srp4ctr._memory import proc_status_mib
+
+    return proc_status_mib("VmRSS", pid)
 
 
 def build_bundle(root: Path) -> tuple[Path, object]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -100,13 +101,11 @@ def _memory() -> dict:
     """This process's peak RSS and current RSS / PSS (MiB; Linux). The peak is VmHWM, the high
     water mark of this process image: ``ru_maxrss`` would carry the parent's peak over the
     fork and exec that started the stage."""
-    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                out["peak_rss_mib"] = int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    from srp4ctr._memory import proc_status_mib
+
+    peak = proc_status_mib("VmHWM")
+    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+           if math.isnan(peak) else peak}
     try:
         for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
             k, *v = line.split()

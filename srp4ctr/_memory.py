@@ -8,7 +8,7 @@ import gc
 import sys
 from collections.abc import Callable
 
-__all__ = ["release_memory", "trim_heap"]
+__all__ = ["drop_mapped_pages", "proc_status_mib", "release_memory", "trim_heap"]
 
 
 @functools.cache
@@ -59,3 +59,17 @@ def drop_mapped_pages(*arrays) -> None:
             m._mmap.madvise(advice)
         except (OSError, ValueError):  # closed, or a platform that refuses the advice
             pass
+
+
+def proc_status_mib(key: str = "VmRSS", pid: int | str = "self") -> float:
+    """A memory line of ``/proc/PID/status`` in MiB (``VmRSS``: resident now; ``VmHWM``: the
+    process image's peak); NaN where there is no such file (not Linux) or line."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            text = f.read()
+    except OSError:
+        return float("nan")
+    for line in text.splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")

@@ -449,12 +449,10 @@ def test_building_in_blocks_equals_one_pass(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS (Linux)")
 def test_dropping_mapped_pages_keeps_the_values_and_frees_the_residency(tmp_path):
-    from srp4ctr._memory import drop_mapped_pages
+    from srp4ctr._memory import drop_mapped_pages, proc_status_mib
 
     def rss_mib() -> float:
-        line = next(l for l in Path("/proc/self/status").read_text().splitlines()
-                    if l.startswith("VmRSS:"))
-        return int(line.split()[1]) / 1024
+        return proc_status_mib("VmRSS")
 
     a = np.arange(8_000_000, dtype=np.int64)  # 61 MiB
     np.save(tmp_path / "a.npy", a)

@@ -338,15 +338,8 @@ def load_taobao(path: Path, chunksize: int = 1_000_000, progress: bool = False) 
         if bar is not None:
             bar.close()
 
-    def cat(n: str, dt: Any) -> np.ndarray:
-        parts = cols.pop(n)
-        if not parts:
-            return np.zeros(0, dtype=dt)
-        if dt is None:
-            dt = np.result_type(*[p.dtype for p in parts])
-        out = np.concatenate(parts).astype(dt, copy=False)
-        parts.clear()
-        return out
+    def cat(n: str, dt: Any) -> np.ndarray:  # each column's chunks freed as they are copied
+        return _concat(cols.pop(n), dt)
 
     beh = cat("behavior", np.int8)
     item = cat("item", None)

@@ -130,7 +130,6 @@ def sampled_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
         return None
     h, t = hidden[keep], targets[keep]
     s, log_es = sampler.draw(t, generator)
-    k = s.numel()
     w_t = F.embedding(t, weight, sparse=sparse)  # [P, d]
     # in-batch negatives are the targets themselves: their rows once
     w_s = w_t if sampler.kind == "in_batch" else F.embedding(s, weight, sparse=sparse)  # [K, d]
