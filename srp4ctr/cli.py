@@ -279,7 +279,8 @@ def experiment_settings(args: argparse.Namespace) -> dict:
     models = args.models.split(",") if args.models else exp.get("models")
     seeds = args.seeds if args.seeds is not None else exp.get("seeds", 5)
     jobs = args.jobs if args.jobs is not None else exp.get("jobs", 1)
-    strict_time = True if args.strict_time else bool(exp.get("strict_time", False))
+    strict_time = (args.strict_time if args.strict_time is not None
+                   else bool(exp.get("strict_time", False)))
     tcfg = _train_config(args)
     # pre-training: small batches and more epochs by default, then the file's section, then
     # the --pretrain-* flags; device, threads and seed follow the fine-tuning settings
@@ -581,12 +582,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="trainings run at once in worker processes, each with threads/jobs "
                       "torch threads (default: the --config file's, else 1; 2 on a 2-core "
                       "machine is ~1.7x faster)")
-    p_ex.add_argument("--strict-time", dest="strict_time", action="store_true", default=None,
+    p_ex.add_argument("--strict-time", dest="strict_time",
+                      action=argparse.BooleanOptionalAction, default=None,
                       help="strict-time protocol: a CTR sample's history holds only interactions "
                       "strictly earlier than the candidate (default: also those of the same "
                       "second that sort before it); pre-training is unchanged. An OUT folder "
                       "holds one protocol (default: the --config file's experiment.strict_time, "
-                      "else off)")
+                      "else off; --no-strict-time overrides a file's true)")
     _add_train_args(p_ex)
     p_ex.set_defaults(func=_cmd_experiment)
 

@@ -249,6 +249,28 @@ def test_finetune_records_test_by_popularity(tiny, tmp_path):
     assert on_disk["test_by_popularity"]["head"]["n"] == pop["head"]["n"]
 
 
+def test_a_strict_time_run_is_evaluated_under_its_protocol(small_ml1m, tmp_path):  # noqa: F811
+    """The checkpoint records strict_time, and ``evaluate`` of it uses that protocol (on a
+    dataset where the two protocols' histories, and so their metrics, differ)."""
+    from srp4ctr.train import evaluate, finetune, load_model
+    from srp4ctr.train.loop import ctr_metrics, predict_ctr
+
+    ds = small_ml1m
+    finetune(ds, tmp_path / "din", kind="din", model_config=ModelConfig(**TINY),
+             train_config=_tc(), strict_time=True)
+    assert json.loads((tmp_path / "din" / "config.json").read_text())["strict_time"] is True
+    ev = evaluate(tmp_path / "din", ds)
+    model, _ = load_model(tmp_path / "din", dataset=ds)
+    strict = CTRDataset(ds, "test", max_len=TINY["max_len"], strict_time=True)
+    assert strict.same_second_share() > 0
+    want = ctr_metrics(predict_ctr(model, strict))
+    loose = ctr_metrics(predict_ctr(model, CTRDataset(ds, "test", max_len=TINY["max_len"])))
+    assert ev["strict_time"] is True
+    assert ev["logloss"] == pytest.approx(want["logloss"]) and ev["auc"] == pytest.approx(
+        want["auc"])
+    assert abs(want["logloss"] - loose["logloss"]) > 1e-9
+
+
 def test_gbdt_records_test_by_popularity(tiny):
     pytest.importorskip("lightgbm")
     from srp4ctr.train.gbdt import GBDTConfig, train_gbdt
@@ -363,6 +385,7 @@ def test_cli_flag_and_settings_file(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("experiment:\n  strict_time: true\n")
     assert settings("--config", str(f))["strict_time"] is True
+    assert settings("--config", str(f), "--no-strict-time")["strict_time"] is False
     f.write_text("experiment:\n  strict_time: false\n")
     assert settings("--config", str(f), "--strict-time")["strict_time"] is True
     f.write_text("experiment:\n  strict_time: maybe\n")

@@ -26,7 +26,7 @@ from srp4ctr import metrics
 from srp4ctr._memory import drop_mapped_pages, release_memory
 from srp4ctr.bundle import write_bundle_files
 from srp4ctr.data.recorded import dataset_record
-from srp4ctr.errors import InputError
+from srp4ctr.errors import CheckpointError, InputError
 from srp4ctr.models import SRP4CTR
 from srp4ctr.models.checkpoint import load_model, save_checkpoint
 from srp4ctr.models.registry import model_entry, model_kinds
@@ -561,6 +561,7 @@ def _save_run(out_dir, model, kind, spec, mcfg, cfg, ds, result, curve_keys) -> 
         "spec": spec.to_dict(),
         "train_config": cfg.to_dict(),
         **({"pretrain_softmax": result["softmax"]} if "softmax" in result else {}),
+        **({"strict_time": result["strict_time"]} if "strict_time" in result else {}),
         "dataset": dataset_record(ds),
         "metrics": {k: result[k] for k in ("valid", "test") if k in result},
     }, extra=extra)
@@ -695,7 +696,8 @@ def finetune(
 
 def evaluate(path: str | os.PathLike, ds, *, split: str = "test", batch_size: int = 1024,
              device: str = "cpu") -> dict:
-    """Metrics of a saved checkpoint on ``split`` (CTR metrics or next-item metrics)."""
+    """Metrics of a saved checkpoint on ``split`` (CTR metrics or next-item metrics; a CTR run
+    trained under the strict-time protocol is evaluated under it, as its config records)."""
     from srp4ctr.data.samples import CTRDataset, NextItemDataset
 
     model, cfg = load_model(path, dataset=ds, device=device)
@@ -705,6 +707,12 @@ def evaluate(path: str | os.PathLike, ds, *, split: str = "test", batch_size: in
         data = NextItemDataset(ds, split=split, max_len=max_len, n_negatives=100, seed=tc.seed)
         res = next_item_metrics(model, data, device=device, batch_size=batch_size)
     else:
-        data = CTRDataset(ds, split, max_len=max_len, negatives=tc.negatives, seed=tc.seed)
-        res = ctr_metrics(predict_ctr(model, data, batch_size=batch_size, device=device))
+        strict = cfg.get("strict_time", False)
+        if not isinstance(strict, bool):
+            raise CheckpointError(f"{path}: config.json strict_time must be true or false, got "
+                                  f"{strict!r}")
+        data = CTRDataset(ds, split, max_len=max_len, negatives=tc.negatives, seed=tc.seed,
+                          strict_time=strict)
+        res = {**ctr_metrics(predict_ctr(model, data, batch_size=batch_size, device=device)),
+               "strict_time": strict}
     return {"kind": cfg["kind"], "split": split, "checkpoint": str(path), **res}
