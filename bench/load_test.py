@@ -200,6 +200,14 @@ def _load_wrk(url: str, bodies: list[dict], clients: int, duration: float, tmp: 
             "p95_ms": r["p95_us"] / 1e3, "p99_ms": r["p99_us"] / 1e3}
 
 
+def _samples(text: str) -> dict:
+    """The samples of a Prometheus text page: (name, sorted label pairs) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
+            for fam in text_string_to_metric_families(text) for smp in fam.samples}
+
+
 def run_case(model, threads, extra, bodies, warm, clients, duration, client="httpx",
              tmp: Path | None = None) -> dict:
     import httpx
@@ -213,22 +221,15 @@ def run_case(model, threads, extra, bodies, warm, clients, duration, client="htt
         res["rss_mb_before"], res["rss_mb_after"] = rss0, _rss_mb(srv.proc.pid)
         res["rss_growth"] = res["rss_mb_after"] / rss0 - 1
         metrics = httpx.get(srv.url + "/metrics").text
-    calls = users = served_s = served_n = engine_s = get_s = get_n = 0.0
-    for line in metrics.splitlines():
-        if line.startswith("srp4ctr_engine_seconds_sum "):
-            engine_s = float(line.split()[1])
-        elif line.startswith('srp4ctr_store_seconds_sum{op="get"}'):
-            get_s = float(line.split()[1])
-        elif line.startswith('srp4ctr_store_seconds_count{op="get"}'):
-            get_n = float(line.split()[1])
-        if line.startswith("srp4ctr_batch_requests_count "):
-            calls = float(line.split()[1])
-        elif line.startswith("srp4ctr_batch_requests_sum "):
-            users = float(line.split()[1])
-        elif line.startswith('srp4ctr_request_seconds_sum{endpoint="/v1/score"}'):
-            served_s = float(line.split()[1])
-        elif line.startswith('srp4ctr_request_seconds_count{endpoint="/v1/score"}'):
-            served_n = float(line.split()[1])
+    m = _samples(metrics)
+
+    def sum_count(name: str, labels: tuple = ()) -> tuple[float, float]:
+        return m.get((f"{name}_sum", labels), 0.0), m.get((f"{name}_count", labels), 0.0)
+
+    users, calls = sum_count("srp4ctr_batch_requests")
+    served_s, served_n = sum_count("srp4ctr_request_seconds", (("endpoint", "/v1/score"),))
+    engine_s, _ = sum_count("srp4ctr_engine_seconds")
+    get_s, get_n = sum_count("srp4ctr_store_seconds", (("op", "get"),))
     res["users_per_engine_call"] = users / calls if calls else None
     # the server's own view: from the request entering the app to its response (mean)
     res["server_mean_ms"] = 1e3 * served_s / served_n if served_n else None
