@@ -101,7 +101,7 @@ class Engine:
         with torch.no_grad():
             self.folded = FoldedModel(model, self.dtype, self.device, cfg.fold_items,
                                       cfg.max_table_bytes, fold_q0=scorer_cls.uses_q0)
-        for name in ("z0", "q0", "hz0", "head_z0"):
+        for name in ("z0", "q0", "hz0", "head_z0", "item_bias"):
             t = getattr(self.folded, name, None)
             if isinstance(t, torch.Tensor) and not bool(torch.isfinite(t).all()):
                 raise CheckpointError(f"the folded item table {name} holds NaN or inf in "
@@ -331,15 +331,22 @@ class Engine:
                      + 3 * fm.h1 + sum(w.shape[0] for w, _ in fm.rest)) + 8
         return max(1, self.config.max_chunk_bytes // per)
 
+    def _with_bias(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """fp32 logits, plus the model's per-item bias where it has one (ModelConfig.item_bias;
+        the backends score the tower and the head)."""
+        logits = logits.float()
+        bias = self.folded.item_bias
+        return logits if bias is None else logits + bias.index_select(0, ids)
+
     def _logits_one(self, cache: UserCache, ids: torch.Tensor) -> torch.Tensor:
         step = self.chunk_candidates(cache.length)
         C = ids.shape[0]
         if C <= step:
-            return self._backend.score_one(cache, ids)
+            return self._with_bias(self._backend.score_one(cache, ids), ids)
         out = torch.empty(C, dtype=self.dtype, device=self.device)
         for s in range(0, C, step):
             out[s : s + step] = self._backend.score_one(cache, ids[s : s + step])
-        return out
+        return self._with_bias(out, ids)
 
     def score(self, cache: UserCache, candidates: Any, strict: bool = False, *,
               logits: bool = False) -> torch.Tensor:
@@ -422,9 +429,10 @@ class Engine:
                 return
             counts = [ids[b].shape[0] for b in group]
             with torch.no_grad():
-                out = self._backend.score_many([checked[b] for b in group],
-                                               torch.cat([ids[b] for b in group]), counts)
-            for b, part in zip(group, out.float().split(counts)):
+                flat = torch.cat([ids[b] for b in group])
+                out = self._with_bias(self._backend.score_many(
+                    [checked[b] for b in group], flat, counts), flat)
+            for b, part in zip(group, out.split(counts)):
                 results[b] = part
             group.clear()
 

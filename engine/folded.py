@@ -7,7 +7,7 @@ What the training model computes per candidate c of a user (eval mode, DESIGN.md
           q = LN1_l(z) Wq_l + bq_l;  a = softmax(q K_l^T / sqrt(Dh)) V_l   (per head)
           z = z + a Wo_l + bo_l;     z = z + W2_l gelu(W1_l LN2_l(z) + b1_l) + b2_l
     h1  = W_zn z + W_z0 z0 + (W_u u + b)                 head's first layer, [zn | z0 | user]
-    y   = rest(relu(h1))                                 remaining Linear/ReLU layers -> logit
+    y   = rest(relu(h1)) (+ b_item[c])                   remaining Linear/ReLU layers -> logit
 
 Folding, exact in fp32 (only the summation order of the first head layer changes):
 
@@ -103,6 +103,10 @@ class FoldedModel:
             elif not isinstance(m, (nn.ReLU, nn.Dropout)):
                 raise InputError(f"the engine cannot fold a head layer of type {type(m).__name__}")
         self.rest = tuple(rest)
+        # ModelConfig.item_bias: a learned scalar per item id added to the logit (fp32 [V]; the
+        # engine adds it to every backend's logits, the ONNX scorer graph in the graph)
+        self.item_bias = (model.item_bias.weight.detach().to(self.device, torch.float32)
+                          .reshape(-1).contiguous() if model.item_bias is not None else None)
 
         elt = torch.empty((), dtype=dtype).element_size()
         per_row = (d + (d if self.fold_q0 else 0) + self.h1) * elt
@@ -151,4 +155,5 @@ class FoldedModel:
             "tower_layers": self.n_layers, "h1": self.h1, "item_ids": self.n_item_ids,
             "item_tables": self.tables, "q0_table": self.tables and self.fold_q0,
             "item_table_bytes": self.table_bytes, "layer_norm_eps": self.eps,
+            "item_bias": self.item_bias is not None,
         }

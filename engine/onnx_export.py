@@ -261,6 +261,9 @@ class ScorerGraph(nn.Module):
 
         buf("z0", fm.z0)
         buf("hz0", fm.hz0)
+        self.has_item_bias = fm.item_bias is not None
+        if self.has_item_bias:
+            buf("item_bias", fm.item_bias)
         if self.n_layers:
             buf("q0", fm.q0 * scale)
             buf("head_zn", fm.head_zn)
@@ -350,6 +353,8 @@ class ScorerGraph(nn.Module):
                 for i in range(self.n_rest)]
         logits = head(zn, self.hz0.index_select(0, cand_item), head_user,
                       self.head_zn if self.n_layers else None, rest, inplace=False)
+        if self.has_item_bias:
+            logits = logits + self.item_bias.index_select(0, cand_item)
         return torch.sigmoid(logits), logits
 
 
@@ -885,8 +890,8 @@ def _verify(folder: Path, engine, manifest: dict) -> dict[str, Any]:
                 feed.update(k=outs["k"], v=outs["v"])
             probs = sc.run(["probs"], feed)[0]
             with torch.no_grad():
-                want = torch.sigmoid(engine._backend.score_one(
-                    cache, torch.as_tensor(ids, device=engine.device)).float()).cpu().numpy()
+                want = torch.sigmoid(engine._logits_one(
+                    cache, torch.as_tensor(ids, device=engine.device))).cpu().numpy()
             worst["probs"] = max(worst["probs"], float(np.abs(probs - want).max()))
     # several users in one scorer_multi call (one with no candidates) against each alone
     counts = [3, 0, 7][: len(users)] + [2] * max(0, len(users) - 3)
@@ -901,8 +906,8 @@ def _verify(folder: Path, engine, manifest: dict) -> dict[str, Any]:
             [[0], np.cumsum([o["k"].shape[1] for o, _ in users])]).astype(np.int64)
     probs = mu.run(["probs"], feed)[0]
     with torch.no_grad():
-        want = np.concatenate([torch.sigmoid(engine._backend.score_one(
-            c, torch.as_tensor(ids[cand_off[b]:cand_off[b + 1]], device=engine.device)).float()
+        want = np.concatenate([torch.sigmoid(engine._logits_one(
+            c, torch.as_tensor(ids[cand_off[b]:cand_off[b + 1]], device=engine.device))
         ).cpu().numpy() for b, (_, c) in enumerate(users) if counts[b]])
     worst["multi_probs"] = float(np.abs(probs - want).max())
     int8 = None

@@ -40,7 +40,7 @@ DATASET_KEYS = ("name", "path", "columns", "data_dir")
 EXPERIMENT_KEYS = ("seeds", "models", "jobs", "strict_time")
 #: fields of ModelConfig that pre-training may set apart from fine-tuning
 PRETRAIN_MODEL_KEYS = ("dropout", "mask_rate", "softmax", "sampled_softmax_above", "sampler",
-                      "n_sampled")
+                      "n_sampled", "loss_weights")
 
 
 def _model_keys() -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import torch
 from train_fixtures import (
     TINY,
+    cpu_backends,
     model_probs,
     perturbed,
     prepare_tiny,
@@ -325,6 +326,37 @@ def test_ablations_are_served_exactly(tiny, root, config):
         assert close(eng.score(eng.encode_user(h), cands), model_probs(m, tiny, h, cands))
     empty = {"item_id": [], "rating": [], "timestamp": []}
     assert close(eng.score(eng.encode_user(empty), [4]), model_probs(m, tiny, empty, [4]))
+
+
+@pytest.mark.parametrize("config", [
+    {"head_user_features": True, "item_bias": True},
+    {"use_qformer": False, "head_user_features": True, "item_bias": True},
+    {"use_xattn": False, "head_user_features": True, "item_bias": True},
+], ids=["full", "no-qformer", "no-xattn"])
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_user_features_in_the_head_and_item_bias_are_served_exactly(tiny, root, config, backend):
+    """ModelConfig.head_user_features (the user block of the head, folded per user) and
+    item_bias (added to every backend's logits) score as the model does, on every CPU backend,
+    per user and several users at once, with and without the folded item tables."""
+    torch.manual_seed(5)
+    cfg = ModelConfig(**{**TINY, **config})
+    m = perturbed(SRP4CTR(ModelSpec.from_dataset(tiny), cfg), seed=6)
+    assert m.item_bias.weight.abs().max() > 0
+    path = _save(root / f"hub-{'-'.join(sorted(config))}", m, tiny)
+    users = (1, 9, 17)
+    cands = [1, 2, 3, 50, 10**6]
+    for fold in (True, False):
+        eng = Engine.load(path, dataset=tiny, backend=backend, fold_items=fold)
+        caches = [eng.encode_user(raw_history(tiny, u)) for u in users]
+        many = eng.score_many(caches, [cands] * len(users))
+        for u, c, got in zip(users, caches, many):
+            want = model_probs(m, tiny, raw_history(tiny, u), cands)
+            assert close(eng.score(c, cands), want)
+            assert close(got, want)
+    # the user features matter even without the Q-Former (an unknown user: no features)
+    h = raw_history(tiny, 1, user_id=False)
+    known = eng.encode_user(h, user_id=int(tiny.user_raw[1]))
+    assert not close(eng.score(known, cands), eng.score(eng.encode_user(h), cands))
 
 
 def test_trainer_checkpoint(tiny, tmp_path):

@@ -224,6 +224,33 @@ def test_pretrain_loss_fields_and_reproducible(spec):
     assert set(p_only) == {"item"} and torch.isfinite(l_only)
 
 
+def test_pretrain_loss_weights(spec):
+    """ModelConfig.loss_weights: the loss is the weighted mean of the same per-field losses (the
+    same masks: the same generator seed); unnamed fields weigh 1; unknown fields are refused."""
+    b = random_batch(spec, 16, 12, ctr=False, seed=2)
+    torch.manual_seed(0)
+    plain = FGBERT(spec, small_config(mask_rate=0.5)).eval()
+    weights = {"item": 3.0, spec.behaviour_fields[0]: 0.25}
+    torch.manual_seed(0)
+    weighted = FGBERT(spec, small_config(mask_rate=0.5, loss_weights=weights)).eval()
+    loss, parts = plain.pretrain_loss(b, torch.Generator().manual_seed(5))
+    wloss, wparts = weighted.pretrain_loss(b, torch.Generator().manual_seed(5))
+    assert wparts.keys() == parts.keys()
+    for f in parts:
+        torch.testing.assert_close(wparts[f], parts[f])
+    w = {f: weights.get(f, 1.0) for f in parts}
+    want = sum(w[f] * parts[f] for f in parts) / sum(w.values())
+    torch.testing.assert_close(wloss, want)
+    assert abs(float(wloss) - float(loss)) > 1e-4  # the weights do change the loss
+    with pytest.raises(InputError, match="not predict"):
+        FGBERT(spec, small_config(loss_weights={"no_such_field": 1.0}))
+    for bad in ({"item": -1.0}, {"item": float("nan")}, {"item": True}, [("item", 1.0)]):
+        with pytest.raises(InputError, match="loss_weights"):
+            small_config(loss_weights=bad)
+    assert ModelConfig.from_dict(small_config(loss_weights=weights).to_dict()).loss_weights == \
+        weights
+
+
 def test_pretrain_loss_all_empty(spec):
     m = FGBERT(spec, small_config())
     b = random_batch(spec, 3, 6, lengths=[0, 0, 0], ctr=False)

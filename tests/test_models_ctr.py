@@ -427,3 +427,52 @@ def test_tower_matches_kernel_reference():
         kv_off = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
         got = ref.candidate_tower_ref(z0, kv, params, q_off, kv_off)
     assert (got - want).abs().max() <= ATOL
+
+
+@pytest.mark.parametrize("kw", [{}, {"use_qformer": False}, {"use_xattn": False}],
+                         ids=["default", "no_qformer", "no_xattn"])
+def test_head_user_features(kw):
+    """head_user_features: the user-feature embedding reaches the head's user part, so the user
+    features change the logits even without the Q-Former (whose query offset is otherwise their
+    only way in); the head block it adds is folded into UserState.head_user like the rest."""
+    m = model(head_user_features=True, **kw)
+    plain = model(**kw)
+    assert m.head.user_dim == plain.head.user_dim + m.user_emb.out_dim
+    b = random_batch(SPEC, 6, 10, seed=4)
+    other = dict(b)
+    f = SPEC.user_fields[0]
+    other[f"user_{f}"] = (b[f"user_{f}"] % (SPEC.vocab[f] - 1)) + 1
+    assert not torch.equal(other[f"user_{f}"], b[f"user_{f}"])
+    with torch.no_grad():
+        assert (m(b) - m(other)).abs().max() > 1e-4
+        if kw.get("use_qformer") is False:  # without the option the user features are unused
+            assert (plain(b) - plain(other)).abs().max() == 0
+        state = m.encode_users(b)
+        split = m.score_candidates(state, b["cand_item"])
+        torch.testing.assert_close(split, m(b), atol=ATOL, rtol=0)
+    # a spec without user fields: the option has nothing to add
+    assert model(spec=SPEC_NO_USER, head_user_features=True).head.user_dim == \
+        model(spec=SPEC_NO_USER).head.user_dim
+
+
+def test_item_bias():
+    """item_bias: one learned scalar per item id added to the logit, zero at initialisation
+    (the model then equals the one without it), trained, and the same on every scoring path."""
+    torch.manual_seed(0)
+    m = model(item_bias=True)
+    b = random_batch(SPEC, 6, 10, seed=5)
+    with torch.no_grad():
+        base = m(b)
+        m.item_bias.weight[int(b["cand_item"][0])] = 2.5
+        moved = m(b)
+    same = b["cand_item"] == b["cand_item"][0]
+    torch.testing.assert_close(moved[same], base[same] + 2.5)
+    torch.testing.assert_close(moved[~same], base[~same])
+    state = m.encode_users(b)
+    with torch.no_grad():
+        one = m.score_candidates_one_user(state.user(0), b["cand_item"])
+        batched = m.score_candidates(state, b["cand_item"], torch.zeros(6, dtype=torch.long))
+    torch.testing.assert_close(one, batched, atol=ATOL, rtol=0)
+    m.train()
+    m(b).sum().backward()
+    assert m.item_bias.weight.grad[b["cand_item"]].abs().sum() > 0

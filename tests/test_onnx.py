@@ -284,11 +284,14 @@ def test_export_refusals(ckpt, root, tiny, exported):
     assert not (root / "x").exists()
 
 
-@pytest.mark.parametrize("config", [{"use_xattn": False}, {"use_qformer": False}],
-                         ids=["no-xattn", "no-qformer"])
+@pytest.mark.parametrize("config", [
+    {"use_xattn": False}, {"use_qformer": False},
+    {"use_qformer": False, "head_user_features": True, "item_bias": True},
+], ids=["no-xattn", "no-qformer", "no-qformer-user-features-item-bias"])
 def test_ablations_export_and_serve(tiny, root, config):
     """Without the tower (no k/v, a pooled output; weights in external data files) and without
-    the Q-Former (no qtokens, no user inputs): exported, verified and served like the full
+    the Q-Former (no qtokens, no user inputs unless the head takes the user features; the
+    per-item bias inside the scorer graph): exported, verified and served like the full
     model."""
     torch.manual_seed(3)
     cfg = ModelConfig(**{**CONFIG, "max_len": 32, **config})
@@ -304,7 +307,9 @@ def test_ablations_export_and_serve(tiny, root, config):
     if not cfg.use_xattn:
         assert names == ["head_user", "qtokens", "pooled"] and m["dims"]["NL"] == 0
     else:
-        assert names == ["k", "v", "head_user"] and m["tables"]["user_fields"] == []
+        assert names == ["k", "v", "head_user"]
+        assert m["tables"]["user_fields"] == (list(tiny.user_fields)
+                                              if cfg.head_user_features else [])
     srv = Scorer.load(out, threads=1)
     rng = np.random.default_rng(5)
     for n in (0, 1, 40):

@@ -145,3 +145,42 @@ def test_torchrun_two_processes(tiny, tmp_path):
     assert shards["0"][0] != shards["0"][1]  # reshuffled per epoch
     again = evaluate(tmp_path / "ddp", tiny, split="test")
     assert again["auc"] == pytest.approx(results[0][2]["auc"], abs=1e-6)
+
+
+def test_pretrained_lr_ratio_and_no_early_stopping(tiny, tmp_path):
+    """TrainConfig.pretrained_lr_ratio scales the learning rate of the weights loaded from the
+    pre-trained checkpoint only; early_stopping=False runs every epoch and keeps the last."""
+    import torch
+
+    from srp4ctr.train.optim import make_optimizer
+
+    mcfg = ModelConfig(**TINY)
+    pretrain(tiny, tmp_path / "pre", model_config=mcfg, train_config=_tc(epochs=1))
+    pre, _ = load_model(tmp_path / "pre", dataset=tiny)
+    start = {k: v.clone() for k, v in pre.state_dict().items()}
+
+    def moved(ratio):
+        res = finetune(tiny, tmp_path / f"ctr{ratio}", kind="srp4ctr", model_config=mcfg,
+                       train_config=_tc(epochs=3, pretrained_lr_ratio=ratio,
+                                        early_stopping=False), pretrained=tmp_path / "pre")
+        assert [h["epoch"] for h in res["history"]] == [1, 2, 3] and res["best_epoch"] == 3
+        model, _ = load_model(tmp_path / f"ctr{ratio}", dataset=tiny)
+        enc = model.encoder.state_dict()
+        enc_move = max(float((enc[k] - start[k]).abs().max()) for k in enc if k in start)
+        head_move = float(model.head.first.weight.abs().max())
+        return enc_move, head_move
+
+    slow_enc, slow_head = moved(1e-6)
+    fast_enc, fast_head = moved(1.0)
+    assert slow_enc < 1e-4 < fast_enc  # Adam's step is ~lr: 1e-9 per step against 1e-3
+    assert slow_head > 0.01 and fast_head > 0.01
+    # the optimizer's groups: the scaled parameters at lr * ratio, the rest at lr
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    opt, _ = make_optimizer([a, b], lr=1e-3, weight_decay=0.0, total_steps=10,
+                            scaled_params=[b], lr_ratio=0.1)
+    lrs = sorted((g["lr"], len(g["params"])) for g in opt.param_groups)
+    assert lrs == [(pytest.approx(1e-4), 1), (pytest.approx(1e-3), 1)]
+    with pytest.raises(Exception, match="pretrained_lr_ratio"):
+        TrainConfig(pretrained_lr_ratio=0.0)
+    with pytest.raises(Exception, match="early_stopping"):
+        TrainConfig(early_stopping=1)

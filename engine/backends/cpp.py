@@ -25,6 +25,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from srp4ctr.errors import CacheError
 from srp4ctr.kernels import BackendUnavailableError
@@ -255,7 +256,8 @@ class CppUserSide(UserSide):
                       for b in qf.blocks]
             q_ln = tuple(ln(qf.ln, "q").values())
             n_queries = int(qf.queries.shape[0])
-            head_user = (f32(w1.weight[:, model.head.cand_dim:]), f32(w1.bias))
+            c0 = model.head.cand_dim  # the Q-Former tokens' columns; user features after them
+            head_user = (f32(w1.weight[:, c0 : c0 + n_queries * cfg.d_model]), f32(w1.bias))
         else:
             blocks, q_ln, n_queries = [], None, 0
             head_user = (None, f32(w1.bias))
@@ -269,6 +271,10 @@ class CppUserSide(UserSide):
                                         self.options.isa, eps.pop())
         self.n_queries = n_queries
         self.isa = self._enc.isa
+        # head_user_features: the user-feature embedding's columns of the head's first layer,
+        # added to the C++ head block per user (a [h1, u] product; the tokens' block is C++'s)
+        self._head_user_feat = (w1.weight[:, -model.user_emb.out_dim:].detach()
+                                if model.head_user_features else None)
 
     def encode_one(self, batch: Mapping[str, torch.Tensor], threads: int):
         """One user's ``batch`` (``[1, n]`` tensors, n = its history length) -> ``(k, v, qtokens,
@@ -285,10 +291,15 @@ class CppUserSide(UserSide):
                         self.n_queries, cfg.d_model)
                 queries = queries.detach().contiguous().numpy()
             x = x[0, : int(batch["hist_len"][0])].detach().contiguous().numpy()
+            extra = (F.linear(m.user_emb(batch)[0], self._head_user_feat)
+                     if self._head_user_feat is not None else None)
         k, v, qt, hu = self._enc.encode(x, queries, threads)
+        hu = torch.from_numpy(hu)
+        if extra is not None:
+            hu += extra
         shape = (k.shape[0], k.shape[1], cfg.n_heads, cfg.d_model // cfg.n_heads)
         return (torch.from_numpy(k).reshape(shape), torch.from_numpy(v).reshape(shape),
-                torch.from_numpy(qt) if self.n_queries else None, torch.from_numpy(hu))
+                torch.from_numpy(qt) if self.n_queries else None, hu)
 
     def encode(self, batch: Mapping[str, torch.Tensor]) -> list[UserTensors]:
         """One C++ call per user, no padding."""

@@ -312,9 +312,17 @@ class SRP4CTR(nn.Module):
                 )
         else:
             self.qformer = None
+        self.head_user_features = bool(config.head_user_features and spec.user_fields)
+        if self.head_user_features and self.user_emb is None:
+            self.user_emb = UserFeatureEmbedding(spec, config)
         cand_dim = 2 * d if config.use_xattn else d
-        user_dim = (0 if config.use_xattn else d) + (M * d if config.use_qformer else 0)
+        user_dim = ((0 if config.use_xattn else d) + (M * d if config.use_qformer else 0)
+                    + (self.user_emb.out_dim if self.head_user_features else 0))
         self.head = CTRHead(cand_dim, user_dim, config.head_hidden, config.dropout)
+        self.item_bias: nn.Embedding | None = None
+        if config.item_bias:
+            self.item_bias = nn.Embedding(spec.n_item_ids, 1)
+            nn.init.zeros_(self.item_bias.weight)
         if config.freeze_encoder:
             self.encoder.requires_grad_(False)
             self.encoder.eval()
@@ -372,6 +380,8 @@ class SRP4CTR(nn.Module):
                 )
             qtokens = self.qformer(hidden, valid, offset, cross_attend)
             user_parts.append(qtokens.flatten(1))
+        if self.head_user_features:
+            user_parts.append(self.user_emb(batch))
         user = torch.cat(user_parts, -1) if user_parts else None
         return pooled, qtokens, self.head.user_block(user, hidden.shape[0])
 
@@ -388,9 +398,13 @@ class SRP4CTR(nn.Module):
             z = layer(z, k, v, state.kv_len, user_index)
         return z
 
-    def _score(self, z0: torch.Tensor, zn: torch.Tensor, head_user: torch.Tensor) -> torch.Tensor:
+    def _score(self, z0: torch.Tensor, zn: torch.Tensor, head_user: torch.Tensor,
+               cand_item: torch.Tensor) -> torch.Tensor:
         cand = torch.cat([zn, z0], -1) if self.config.use_xattn else z0
-        return self.head(cand, head_user)
+        logits = self.head(cand, head_user)
+        if self.item_bias is not None:
+            logits = logits + self.item_bias(cand_item).squeeze(-1)
+        return logits
 
     def score_candidates(self, state: UserState, cand_item: torch.Tensor,
                          user_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -414,7 +428,7 @@ class SRP4CTR(nn.Module):
             return state.head_user.new_zeros(0)
         z0 = self.candidate_embedding(cand_item)
         zn = self.tower(z0, state, user_index)
-        return self._score(z0, zn, head_user)
+        return self._score(z0, zn, head_user, cand_item)
 
     def score_candidates_one_user(self, state: UserState, cand_item: torch.Tensor) -> torch.Tensor:
         """Logits [C] of candidates ``cand_item`` [C] of the single user in ``state`` (B = 1).
@@ -432,7 +446,7 @@ class SRP4CTR(nn.Module):
         z = z0
         for layer, k, v in zip(self.cand_layers, state.k, state.v):
             z = layer.forward_one_user(z, k[0, :n], v[0, :n])
-        return self._score(z0, z, state.head_user)  # [1, h1] broadcasts over C
+        return self._score(z0, z, state.head_user, cand_item)  # [1, h1] broadcasts over C
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.score_candidates(self.encode_users(batch), batch["cand_item"])

@@ -25,7 +25,8 @@ with the logQ correction, drawn by the sampler :meth:`FGBERT.attach_samplers` ga
 
 Each head is ``LN(GELU(Linear(h)))`` followed by a product with the field's own embedding table
 (**tied** output embeddings, as BERT4Rec) plus a per-value bias. The loss is the mean over the
-fields that have at least one masked target in the batch of each field's mean loss.
+fields that have at least one masked target in the batch of each field's mean loss (weighted by
+``ModelConfig.loss_weights`` when it is set).
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ class FGBERT(nn.Module):
         )
         self.final_ln = layer_norm(d)
         groups = self.embeddings.item_group + self.embeddings.behaviour_group
+        unknown = sorted(set(config.loss_weights or ()) - set(groups))
+        if unknown:
+            raise InputError(f"ModelConfig.loss_weights names field(s) {unknown} this model does "
+                             f"not predict; its fields: {list(groups)}")
         self.mask_emb = nn.ParameterDict(
             {f: nn.Parameter(torch.randn(d) * emb_init_std(d)) for f in groups}
         )
@@ -268,7 +273,12 @@ class FGBERT(nn.Module):
                     losses[f] = loss
 
         if losses:
-            total = torch.stack(list(losses.values())).mean()
+            weights = self.config.loss_weights
+            if weights:
+                w = [weights.get(f, 1.0) for f in losses]
+                total = sum(wi * v for wi, v in zip(w, losses.values())) / max(sum(w), 1e-12)
+            else:
+                total = torch.stack(list(losses.values())).mean()
         else:  # nothing masked (every history empty): a zero that still has a graph
             total = h.sum() * 0.0
         return total, {f: v.detach() for f, v in losses.items()}

@@ -12,6 +12,7 @@ rebuilt from such a dict has zero tables of the right shapes, filled by ``load_s
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -213,7 +214,15 @@ class ModelConfig:
     sampler: ``"log_uniform"`` (Zipf over training-frequency ranks), ``"uniform"`` or
         ``"in_batch"``; ``n_sampled``: negatives per step (not used by ``"in_batch"``).
         Pre-training settings only: the trained weights do not depend on them structurally.
-    """
+    loss_weights: FG-BERT's pre-training loss is the weighted mean of its fields' masked losses
+        over the fields with a masked target in the batch; a field not named weighs 1 (None:
+        every field 1, the plain mean). A pre-training setting.
+    head_user_features: the user-feature embedding (age, gender, occupation, ...) also goes to
+        the CTR head's user part (it is otherwise only the Q-Former's query offset, so the
+        ``use_qformer=False`` ablation would see no user features at all).
+    item_bias: a learned per-item scalar added to the CTR logit (one row per item id, zero
+        initialised).
+"""
 
     d_model: int = 64
     n_layers: int = 2
@@ -234,6 +243,9 @@ class ModelConfig:
     sampled_softmax_above: int = 100_000
     sampler: str = "log_uniform"
     n_sampled: int = 1024
+    loss_weights: dict[str, float] | None = None
+    head_user_features: bool = False
+    item_bias: bool = False
 
     def __post_init__(self) -> None:
         self.head_hidden = tuple(int(h) for h in self.head_hidden)
@@ -262,6 +274,22 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise InputError(f"ModelConfig.{name} must be a positive int, got {v!r}")
+        if self.loss_weights is not None:
+            if not isinstance(self.loss_weights, Mapping):
+                raise InputError("ModelConfig.loss_weights must be a mapping of field -> weight, "
+                                 f"got {self.loss_weights!r}")
+            weights = {}
+            for f, w in self.loss_weights.items():
+                if not isinstance(f, str) or isinstance(w, bool) or \
+                        not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                    raise InputError("ModelConfig.loss_weights: a field name and a finite weight "
+                                     f">= 0 each, got {f!r}: {w!r}")
+                weights[f] = float(w)
+            self.loss_weights = weights
+        for name in ("head_user_features", "item_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"ModelConfig.{name} must be true or false, got "
+                                 f"{getattr(self, name)!r}")
 
     def sampled(self, vocab: int) -> bool:
         """Whether a single-valued pre-training head over ``vocab`` values is sampled."""

@@ -17,8 +17,12 @@ class TrainConfig:
 
     Early stopping watches the validation metric (NDCG@10 for pre-training, AUC for CTR) after
     every epoch; training stops after ``patience`` epochs without improvement and the best
-    epoch's weights are kept. ``eval_max_samples``: validation and test metrics on a fixed
+    epoch's weights are kept; with ``early_stopping=False`` every epoch runs and the last one's
+    weights are kept (validation is still recorded each epoch). ``eval_max_samples``: validation and test metrics on a fixed
     seeded subset of at most that many samples per split (all when None; for very large data).
+    ``pretrained_lr_ratio``: fine-tuning from a pre-trained checkpoint, the parameters loaded from
+    it train at ``lr * pretrained_lr_ratio`` (same schedule), the new ones at ``lr``; no effect
+    without a pre-trained checkpoint.
     """
 
     epochs: int = 20
@@ -28,7 +32,9 @@ class TrainConfig:
     warmup_ratio: float = 0.02
     lr_power: float = 1.0
     end_lr_ratio: float = 0.0
+    pretrained_lr_ratio: float = 1.0
     patience: int = 2
+    early_stopping: bool = True
     seed: int = 0
     max_steps_per_epoch: int | None = None
     eval_batch_size: int = 1024
@@ -54,13 +60,16 @@ class TrainConfig:
         if isinstance(self.patience, bool) or not isinstance(self.patience, int) or \
                 self.patience < 0:
             raise InputError(f"patience must be an integer >= 0, got {self.patience!r}")
+        if not isinstance(self.early_stopping, bool):
+            raise InputError(f"early_stopping must be true or false, got {self.early_stopping!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise InputError(f"seed must be an integer, got {self.seed!r}")
         for name, lo, hi, open_lo in (("lr", 0.0, math.inf, True),
                                       ("weight_decay", 0.0, math.inf, False),
                                       ("warmup_ratio", 0.0, 1.0, False),
                                       ("end_lr_ratio", 0.0, 1.0, False),
-                                      ("lr_power", 0.0, math.inf, True)):
+                                      ("lr_power", 0.0, math.inf, True),
+                                      ("pretrained_lr_ratio", 0.0, math.inf, True)):
             v = getattr(self, name)
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
                 and (v > lo if open_lo else v >= lo) and v <= hi

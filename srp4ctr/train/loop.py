@@ -344,9 +344,10 @@ def _ranks_by_item_blocks(encoder: nn.Module, hidden: torch.Tensor, target: torc
 def _train_epochs(
     *, model: nn.Module, step_model: nn.Module, dataset, cfg: TrainConfig, world: World,
     loss_fn: Callable[[nn.Module, dict], torch.Tensor], validate: Callable[[], dict[str, float]],
-    monitor: str, lengths: np.ndarray | None, desc: str,
+    monitor: str, lengths: np.ndarray | None, desc: str, pretrained_params=(),
 ) -> tuple[list[dict], dict[str, torch.Tensor], dict]:
-    """The shared epoch loop: train, validate, early-stop, keep the best weights."""
+    """The shared epoch loop: train, validate, early-stop, keep the best weights.
+    ``pretrained_params`` train at ``cfg.lr * cfg.pretrained_lr_ratio``."""
     n = len(dataset)
     per_rank = len(_shard(np.arange(n), world))
     steps_per_epoch = max(1, math.ceil(per_rank / cfg.batch_size))
@@ -359,12 +360,14 @@ def _train_epochs(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=total,
         warmup_steps=int(cfg.warmup_ratio * total), power=cfg.lr_power,
         end_lr_ratio=cfg.end_lr_ratio, sparse_params=sparse_parameters(model),
+        scaled_params=pretrained_params, lr_ratio=cfg.pretrained_lr_ratio,
     )
     if world.is_main:
         log.info(f"{desc}: {n} training samples, up to {cfg.epochs} epochs of {steps_per_epoch} "
                  f"steps (batch {cfg.batch_size}, lr {cfg.lr:g}, {world.size} process(es) on "
-                 f"{cfg.device}, {torch.get_num_threads()} thread(s)); early stopping on "
-                 f"validation {monitor}, patience {cfg.patience}")
+                 f"{cfg.device}, {torch.get_num_threads()} thread(s)); "
+                 + (f"early stopping on validation {monitor}, patience {cfg.patience}"
+                    if cfg.early_stopping else "every epoch, the last one kept"))
     history: list[dict] = []
     best_value, best_state, best_epoch, bad = -math.inf, None, -1, 0
     for epoch in range(1, cfg.epochs + 1):
@@ -398,8 +401,13 @@ def _train_epochs(
         }
         history.append(rec)
         if world.is_main:
-            log.info(_epoch_line(desc, rec, cfg.epochs, val[monitor] > best_value))
-        if val[monitor] > best_value:
+            log.info(_epoch_line(desc, rec, cfg.epochs, cfg.early_stopping
+                                 and val[monitor] > best_value))
+        if not cfg.early_stopping:  # every epoch runs; the last one is kept
+            if epoch == cfg.epochs:
+                best_value, best_epoch = val[monitor], epoch
+                best_state = {k: v.detach() for k, v in model.state_dict().items()}
+        elif val[monitor] > best_value:
             best_value, best_epoch, bad = val[monitor], epoch, 0
             # the last epoch's weights are the model's own: no copy (at 4M items one is a GB)
             best_state = ({k: v.detach() for k, v in model.state_dict().items()}
@@ -622,6 +630,7 @@ def finetune(
     spec = ModelSpec.from_dataset(ds)
     encoder = None
     pre_info = None
+    pretrained_params: list[torch.nn.Parameter] = []
     if entry.takes_encoder:
         encoder = FGBERT(spec, mcfg)
         if pretrained is not None:
@@ -636,6 +645,8 @@ def finetune(
                     "for " + ", ".join(f"{k} {b}" for k, (_, b) in differ.items())
                     + ": fine-tune with the pre-trained architecture")
             missing, _unexpected = encoder.load_state_dict(pre.state_dict(), strict=False)
+            loaded = set(pre.state_dict()) - set(missing)
+            pretrained_params = [p for n, p in encoder.named_parameters() if n in loaded]
             pre_info = {"path": str(pretrained), "kind": pre_cfg["kind"],
                         "fingerprint": pre_cfg["weights_sha256"],
                         "not_pretrained": sorted(missing)}
@@ -663,6 +674,7 @@ def finetune(
     history, _, best = _train_epochs(
         model=model, step_model=step_model, dataset=train_set, cfg=cfg, world=world,
         loss_fn=loss_fn, validate=validate, monitor="auc", lengths=lengths, desc=name or kind,
+        pretrained_params=pretrained_params,
     )
     valid = _best_record(history, best["best_epoch"], exclude=_TRAIN_KEYS)
     test_idx = eval_indices(len(test_set), cfg)

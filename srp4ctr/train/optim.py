@@ -43,6 +43,8 @@ def make_optimizer(
     power: float = 1.0,
     end_lr_ratio: float = 0.0,
     sparse_params=(),
+    scaled_params=(),
+    lr_ratio: float = 1.0,
 ):
     """Adam (AdamW when ``weight_decay`` > 0) and a per-step LambdaLR schedule.
 
@@ -52,16 +54,23 @@ def make_optimizer(
     ``sparse_params`` (of ``params``; :func:`sparse_parameters`) get ``SparseAdam`` with the same
     learning rate and schedule: it updates only the rows a step's sparse gradient holds (the
     moments of the other rows wait, "lazy" Adam) and applies no weight decay. Then the
-    optimizer and schedule returned step both parts.
+    optimizer and schedule returned step both parts. ``scaled_params`` (of ``params``) train at
+    ``lr * lr_ratio`` on the same schedule (a second parameter group).
     """
     sparse_ids = {id(p) for p in sparse_params}
     params = [p for p in params if p.requires_grad]
     sparse = [p for p in params if id(p) in sparse_ids]
     params = [p for p in params if id(p) not in sparse_ids]
+    scaled_ids = {id(p) for p in scaled_params} if lr_ratio != 1.0 else set()
+    groups = [{"params": [p for p in params if id(p) not in scaled_ids], "lr": lr}]
+    if scaled_ids:
+        groups.append({"params": [p for p in params if id(p) in scaled_ids],
+                       "lr": lr * lr_ratio})
+    groups = [g for g in groups if g["params"]] or [{"params": [], "lr": lr}]
     if weight_decay > 0:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     else:
-        opt = torch.optim.Adam(params, lr=lr)
+        opt = torch.optim.Adam(groups, lr=lr)
     total_steps = max(1, int(total_steps))
     warmup_steps = max(0, min(int(warmup_steps), total_steps - 1))
 
@@ -80,6 +89,8 @@ def make_optimizer(
             "weight_decay %g applies to the dense parameters only: the %d sparse-gradient "
             "embedding table(s) (vocabularies above ModelConfig.sampled_softmax_above) are "
             "stepped by SparseAdam, without decay", weight_decay, len(sparse))
-    sopt = torch.optim.SparseAdam(sparse, lr=lr)
+    sgroups = [{"params": [p for p in sparse if id(p) not in scaled_ids], "lr": lr},
+               {"params": [p for p in sparse if id(p) in scaled_ids], "lr": lr * lr_ratio}]
+    sopt = torch.optim.SparseAdam([g for g in sgroups if g["params"]], lr=lr)
     ssched = torch.optim.lr_scheduler.LambdaLR(sopt, factor)
     return _Steps([opt, sopt]), _Steps([sched, ssched])
