@@ -242,8 +242,12 @@ def test_pretrain_loss_weights(spec):
     want = sum(w[f] * parts[f] for f in parts) / sum(w.values())
     torch.testing.assert_close(wloss, want)
     assert abs(float(wloss) - float(loss)) > 1e-4  # the weights do change the loss
-    with pytest.raises(InputError, match="not predict"):
+    with pytest.raises(InputError, match="does not have"):
         FGBERT(spec, small_config(loss_weights={"no_such_field": 1.0}))
+    # the item-only model predicts the item alone: the other fields' weights do not apply
+    only = FGBERT(spec, small_config(item_only=True, loss_weights=weights))
+    l_only, p_only = only.pretrain_loss(b, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(l_only, p_only["item"])
     for bad in ({"item": -1.0}, {"item": float("nan")}, {"item": True}, [("item", 1.0)]):
         with pytest.raises(InputError, match="loss_weights"):
             small_config(loss_weights=bad)

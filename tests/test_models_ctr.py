@@ -476,3 +476,20 @@ def test_item_bias():
     m.train()
     m(b).sum().backward()
     assert m.item_bias.weight.grad[b["cand_item"]].abs().sum() > 0
+
+
+@pytest.mark.parametrize("cls", [DIN, BST, UserVectorCTR], ids=lambda c: c.kind)
+def test_baselines_item_bias(cls):
+    """ModelConfig.item_bias on the baselines: zero at start (the same logits as without it),
+    then the candidate's row is added to its logit."""
+    torch.manual_seed(0)
+    plain = cls(SPEC, cfg()).eval()
+    torch.manual_seed(0)
+    m = cls(SPEC, cfg(item_bias=True)).eval()
+    b = random_batch(SPEC, 6, 10, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(m(b), plain(b))
+        m.item_bias.weight[int(b["cand_item"][0])] = -1.5
+        same = b["cand_item"] == b["cand_item"][0]
+        torch.testing.assert_close(m(b)[same], plain(b)[same] - 1.5)
+        torch.testing.assert_close(m(b)[~same], plain(b)[~same])

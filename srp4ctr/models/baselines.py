@@ -42,6 +42,19 @@ class _CTRBase(nn.Module):
         self.spec = spec
         self.config = config
         self.user_emb = UserFeatureEmbedding(spec, config) if spec.user_fields else None
+        # ModelConfig.item_bias: a learned scalar per item id added to the logit (zero at start)
+        self.item_bias: nn.Embedding | None = None
+        if config.item_bias:
+            # zeros given: no draw from the global RNG (the other weights' init is unchanged)
+            self.item_bias = nn.Embedding(spec.n_item_ids, 1,
+                                          _weight=torch.zeros(spec.n_item_ids, 1))
+
+    def _logit(self, out: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """[B, 1] head output -> [B] logits, plus the candidate's item bias where there is one."""
+        out = out.squeeze(-1)
+        if self.item_bias is not None:
+            out = out + self.item_bias(batch["cand_item"]).squeeze(-1)
+        return out
 
     @property
     def user_dim(self) -> int:
@@ -84,7 +97,7 @@ class DIN(_CTRBase):
         w = self.att(torch.cat([h, ce, h - ce, h * ce], -1)).squeeze(-1)  # [B, L]
         w = w * valid_mask(batch["hist_len"], hist.shape[1]).to(w.dtype)
         pooled = torch.einsum("bl,bld->bd", w, h)
-        return self.head(self._with_user([pooled, c], batch)).squeeze(-1)
+        return self._logit(self.head(self._with_user([pooled, c], batch)), batch)
 
 
 class BST(_CTRBase):
@@ -131,7 +144,7 @@ class BST(_CTRBase):
             x, _, _ = layer(x, valid)
         x = self.final_ln(x)
         feats = [x[:, 0], masked_mean(x[:, 1:], hist_valid), c]
-        return self.head(self._with_user(feats, batch)).squeeze(-1)
+        return self._logit(self.head(self._with_user(feats, batch)), batch)
 
 
 class UserVectorCTR(_CTRBase):
@@ -180,4 +193,4 @@ class UserVectorCTR(_CTRBase):
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         u = self.user_vector(batch)
         c = self.encoder.embeddings.item_embedding(batch["cand_item"])
-        return self.head(self._with_user([u, c], batch)).squeeze(-1)
+        return self._logit(self.head(self._with_user([u, c], batch)), batch)

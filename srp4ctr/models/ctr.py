@@ -321,8 +321,9 @@ class SRP4CTR(nn.Module):
         self.head = CTRHead(cand_dim, user_dim, config.head_hidden, config.dropout)
         self.item_bias: nn.Embedding | None = None
         if config.item_bias:
-            self.item_bias = nn.Embedding(spec.n_item_ids, 1)
-            nn.init.zeros_(self.item_bias.weight)
+            # zeros given: no draw from the global RNG (the other weights' init is unchanged)
+            self.item_bias = nn.Embedding(spec.n_item_ids, 1,
+                                          _weight=torch.zeros(spec.n_item_ids, 1))
         if config.freeze_encoder:
             self.encoder.requires_grad_(False)
             self.encoder.eval()

@@ -94,10 +94,13 @@ class FGBERT(nn.Module):
         )
         self.final_ln = layer_norm(d)
         groups = self.embeddings.item_group + self.embeddings.behaviour_group
-        unknown = sorted(set(config.loss_weights or ()) - set(groups))
+        # the dataset's fields (an item-only model predicts the item alone: the others' weights
+        # do not apply to it, so one setting serves both pre-trainings)
+        fields_ = list(spec.item_fields) + list(spec.behaviour_fields)
+        unknown = sorted(set(config.loss_weights or ()) - set(fields_))
         if unknown:
-            raise InputError(f"ModelConfig.loss_weights names field(s) {unknown} this model does "
-                             f"not predict; its fields: {list(groups)}")
+            raise InputError(f"ModelConfig.loss_weights names field(s) {unknown} the dataset "
+                             f"does not have; its fields: {fields_}")
         self.mask_emb = nn.ParameterDict(
             {f: nn.Parameter(torch.randn(d) * emb_init_std(d)) for f in groups}
         )
