@@ -6,13 +6,14 @@ What the training model computes per candidate c of a user (eval mode, DESIGN.md
     z   = z0; for each tower layer l:
           q = LN1_l(z) Wq_l + bq_l;  a = softmax(q K_l^T / sqrt(Dh)) V_l   (per head)
           z = z + a Wo_l + bo_l;     z = z + W2_l gelu(W1_l LN2_l(z) + b1_l) + b2_l
-    h1  = W_zn z + W_z0 z0 + (W_u u + b)                 head's first layer, [zn | z0 | user]
+    h1  = W_zn z + W_z0 z0 (+ W_s s[c]) + (W_u u + b)    head's first layer, [zn | z0 | s | user]
     y   = rest(relu(h1)) (+ b_item[c])                   remaining Linear/ReLU layers -> logit
 
 Folding, exact in fp32 (only the summation order of the first head layer changes):
 
 - per item, once at load: ``z0`` for every item id (padding, items, OOV), the first layer's
-  query ``LN1_1(z0) Wq_1 + bq_1`` and the head block ``W_z0 z0`` -> tables ``[V, d]``,
+  query ``LN1_1(z0) Wq_1 + bq_1`` and the head block ``W_z0 z0`` (plus ``W_s s`` of the item's
+  training statistics ``s``, ``ModelConfig.item_stats``) -> tables ``[V, d]``,
   ``[V, d]``, ``[V, h1]`` gathered per candidate;
 - per user, once per request (in the :class:`~srp4ctr.engine.UserCache`): ``W_u u + b``.
 
@@ -86,6 +87,14 @@ class FoldedModel:
             self.head_zn = None
             head_z0 = w1[:, :d]
         self._head_z0_f32 = head_z0.to(self.device, torch.float32).contiguous()
+        # ModelConfig.item_stats: the head's block on the candidate's item statistics (the
+        # columns after z0) times the model's per-item table -> one more term of hz0 per item
+        self._stats_f32 = None
+        if model.item_statistics is not None:
+            c0 = 2 * d if self.use_xattn else d
+            w_s = w1[:, c0 : c0 + model.item_statistics.width].to(self.device, torch.float32)
+            self._stats_f32 = (model.item_statistics.table.detach().to(self.device, torch.float32),
+                               w_s.contiguous())
         self.head_z0 = prep(head_z0)
         self.layers: tuple[TowerLayerParams, ...] = tuple(
             TowerLayerParams(*(prep(t) for t in layer.tower_params()))
@@ -146,8 +155,11 @@ class FoldedModel:
             q0 = F.linear(F.layer_norm(z0, (self.d_model,), p.ln1_w, p.ln1_b, self.eps),
                           p.wq, p.bq)
             q0 = q0.to(self.dtype)
-        hz0 = F.linear(z0, self._head_z0_f32).to(self.dtype)
-        return z0.to(self.dtype), q0, hz0
+        hz0 = F.linear(z0, self._head_z0_f32)
+        if self._stats_f32 is not None:
+            table, w_s = self._stats_f32
+            hz0 = hz0 + F.linear(table.index_select(0, ids), w_s)
+        return z0.to(self.dtype), q0, hz0.to(self.dtype)
 
     def describe(self) -> dict:
         return {

@@ -328,19 +328,23 @@ def test_ablations_are_served_exactly(tiny, root, config):
     assert close(eng.score(eng.encode_user(empty), [4]), model_probs(m, tiny, empty, [4]))
 
 
+_EXTRAS = {"head_user_features": True, "item_bias": True, "item_stats": True}
+
+
 @pytest.mark.parametrize("config", [
-    {"head_user_features": True, "item_bias": True},
-    {"use_qformer": False, "head_user_features": True, "item_bias": True},
-    {"use_xattn": False, "head_user_features": True, "item_bias": True},
+    _EXTRAS, {"use_qformer": False, **_EXTRAS}, {"use_xattn": False, **_EXTRAS},
 ], ids=["full", "no-qformer", "no-xattn"])
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_user_features_in_the_head_and_item_bias_are_served_exactly(tiny, root, config, backend):
-    """ModelConfig.head_user_features (the user block of the head, folded per user) and
-    item_bias (added to every backend's logits) score as the model does, on every CPU backend,
-    per user and several users at once, with and without the folded item tables."""
+    """ModelConfig.head_user_features (the user block of the head, folded per user), item_bias
+    (added to every backend's logits) and item_stats (the head's block on the item's statistics,
+    folded into the per-item head table) score as the model does, on every CPU backend, per user
+    and several users at once, with and without the folded item tables."""
     torch.manual_seed(5)
     cfg = ModelConfig(**{**TINY, **config})
     m = perturbed(SRP4CTR(ModelSpec.from_dataset(tiny), cfg), seed=6)
+    with torch.no_grad():
+        m.item_statistics.table.normal_(generator=torch.Generator().manual_seed(7))
     assert m.item_bias.weight.abs().max() > 0
     path = _save(root / f"hub-{'-'.join(sorted(config))}", m, tiny)
     users = (1, 9, 17)

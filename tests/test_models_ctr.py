@@ -493,3 +493,20 @@ def test_baselines_item_bias(cls):
         same = b["cand_item"] == b["cand_item"][0]
         torch.testing.assert_close(m(b)[same], plain(b)[same] - 1.5)
         torch.testing.assert_close(m(b)[~same], plain(b)[~same])
+
+
+@pytest.mark.parametrize("kind", ["srp4ctr", "din", "bst", "user_vector"])
+def test_item_stats_input(kind):
+    """ModelConfig.item_stats: the head reads batch['cand_stats'] where given (training samples'
+    out-of-fold values) and the model's table otherwise; the two agree when they hold the same."""
+    torch.manual_seed(0)
+    m = build_model(kind, SPEC, cfg(item_stats=True)).eval()
+    with torch.no_grad():
+        m.item_statistics.table.normal_(generator=torch.Generator().manual_seed(1))
+    b = random_batch(SPEC, 6, 10, seed=8)
+    with torch.no_grad():
+        from_table = m(b)
+        same = m({**b, "cand_stats": m.item_statistics.table[b["cand_item"]]})
+        other = m({**b, "cand_stats": torch.zeros(6, 3)})
+    torch.testing.assert_close(same, from_table)
+    assert (other - from_table).abs().max() > 1e-4

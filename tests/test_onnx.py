@@ -286,8 +286,8 @@ def test_export_refusals(ckpt, root, tiny, exported):
 
 @pytest.mark.parametrize("config", [
     {"use_xattn": False}, {"use_qformer": False},
-    {"use_qformer": False, "head_user_features": True, "item_bias": True},
-], ids=["no-xattn", "no-qformer", "no-qformer-user-features-item-bias"])
+    {"use_qformer": False, "head_user_features": True, "item_bias": True, "item_stats": True},
+], ids=["no-xattn", "no-qformer", "no-qformer-user-features-item-bias-stats"])
 def test_ablations_export_and_serve(tiny, root, config):
     """Without the tower (no k/v, a pooled output; weights in external data files) and without
     the Q-Former (no qtokens, no user inputs unless the head takes the user features; the
@@ -296,6 +296,9 @@ def test_ablations_export_and_serve(tiny, root, config):
     torch.manual_seed(3)
     cfg = ModelConfig(**{**CONFIG, "max_len": 32, **config})
     model = perturbed(SRP4CTR(ModelSpec.from_dataset(tiny), cfg), seed=4)
+    if model.item_statistics is not None:
+        with torch.no_grad():
+            model.item_statistics.table.normal_(generator=torch.Generator().manual_seed(5))
     eng = Engine.from_model(model, tiny)
     out = root / f"abl-{'-'.join(config)}"
     external = not cfg.use_xattn  # one of them keeps its weights in side files

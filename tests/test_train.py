@@ -184,3 +184,41 @@ def test_pretrained_lr_ratio_and_no_early_stopping(tiny, tmp_path):
         TrainConfig(pretrained_lr_ratio=0.0)
     with pytest.raises(Exception, match="early_stopping"):
         TrainConfig(early_stopping=1)
+
+
+def test_item_stats_input_is_out_of_fold_and_served_from_the_table(tiny, tmp_path):
+    """ModelConfig.item_stats: a training sample's statistics never read its own label (flipping
+    it leaves them unchanged, while the whole-split table moves); the table is the whole
+    training split's; the checkpoint keeps it, so a reload reproduces the test metrics; sampled
+    negatives are refused."""
+    import numpy as np
+
+    from srp4ctr.train.item_stats import item_statistics
+
+    train = CTRDataset(tiny, "train", max_len=16)
+    rows, cand = train.rows, train.extras["cand_item"]
+    own, table = item_statistics(tiny, rows, cand, seed=0)
+    assert own.shape == (len(train), 3) and table.shape == (tiny.n_items + 2, 3)
+    assert np.isfinite(own).all() and np.isfinite(table).all()
+    np.testing.assert_allclose(own.mean(0), 0, atol=1e-4)  # standardised on the training rows
+    raw_own, raw_table = item_statistics(tiny, rows, cand, seed=0, standardise=False)
+    flipped = tiny.label.copy()
+    saved = tiny.label
+    for i in (0, 5, len(train) - 1):
+        flipped = saved.copy()
+        flipped[rows[i]] = 1 - flipped[rows[i]]
+        try:
+            tiny.label = flipped
+            own2, table2 = item_statistics(tiny, rows, cand, seed=0, standardise=False)
+        finally:
+            tiny.label = saved
+        np.testing.assert_array_equal(own2[i], raw_own[i])  # its own label: not read
+        assert not np.allclose(table2[cand[i]], raw_table[cand[i]])  # the whole split's: read
+    mcfg = ModelConfig(**TINY, item_stats=True)
+    res = finetune(tiny, tmp_path / "s", kind="srp4ctr", model_config=mcfg, train_config=_tc())
+    again = evaluate(tmp_path / "s", tiny, split="test")
+    assert again["auc"] == pytest.approx(res["test"]["auc"], abs=1e-6)
+    model, _ = load_model(tmp_path / "s", dataset=tiny)
+    np.testing.assert_allclose(model.item_statistics.table.numpy(), table, atol=1e-6)
+    with pytest.raises(Exception, match="negatives"):
+        finetune(tiny, None, kind="din", model_config=mcfg, train_config=_tc(negatives="uni100"))

@@ -46,7 +46,7 @@ __all__ = [
     "subset_indices",
 ]
 
-_FLOAT_KEYS = ("label",)
+_FLOAT_KEYS = ("label", "cand_stats")
 
 
 def _sorted_unique(k: np.ndarray) -> np.ndarray:

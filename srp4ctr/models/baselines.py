@@ -21,6 +21,7 @@ from srp4ctr.models.fgbert import FGBERT
 from srp4ctr.models.layers import (
     MLP,
     FieldEmbedding,
+    ItemStatistics,
     TransformerLayer,
     UserFeatureEmbedding,
     emb_init_std,
@@ -49,6 +50,9 @@ class _CTRBase(nn.Module):
             self.item_bias = nn.Embedding(spec.n_item_ids, 1,
                                           _weight=torch.zeros(spec.n_item_ids, 1))
 
+        self.item_statistics = (ItemStatistics(spec.n_item_ids) if config.item_stats
+                                else None)
+
     def _logit(self, out: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """[B, 1] head output -> [B] logits, plus the candidate's item bias where there is one."""
         out = out.squeeze(-1)
@@ -58,12 +62,17 @@ class _CTRBase(nn.Module):
 
     @property
     def user_dim(self) -> int:
-        return 0 if self.user_emb is None else self.user_emb.out_dim
+        """The width the head takes after the model's own parts: the user features and the
+        candidate's item statistics (``item_stats``)."""
+        return ((0 if self.user_emb is None else self.user_emb.out_dim)
+                + (0 if self.item_statistics is None else ItemStatistics.width))
 
     def _with_user(self, parts: list[torch.Tensor], batch: Mapping[str, torch.Tensor]
                    ) -> torch.Tensor:
         if self.user_emb is not None:
             parts = parts + [self.user_emb(batch)]
+        if self.item_statistics is not None:
+            parts = parts + [self.item_statistics(batch["cand_item"], batch.get("cand_stats"))]
         return torch.cat(parts, -1)
 
 

@@ -49,6 +49,7 @@ from srp4ctr.models.fgbert import FGBERT
 from srp4ctr.models.layers import (
     MLP,
     FeedForward,
+    ItemStatistics,
     MultiHeadAttention,
     UserFeatureEmbedding,
     attend,
@@ -315,7 +316,10 @@ class SRP4CTR(nn.Module):
         self.head_user_features = bool(config.head_user_features and spec.user_fields)
         if self.head_user_features and self.user_emb is None:
             self.user_emb = UserFeatureEmbedding(spec, config)
-        cand_dim = 2 * d if config.use_xattn else d
+        self.item_statistics = (ItemStatistics(spec.n_item_ids) if config.item_stats
+                                else None)
+        cand_dim = ((2 * d if config.use_xattn else d)
+                    + (ItemStatistics.width if config.item_stats else 0))
         user_dim = ((0 if config.use_xattn else d) + (M * d if config.use_qformer else 0)
                     + (self.user_emb.out_dim if self.head_user_features else 0))
         self.head = CTRHead(cand_dim, user_dim, config.head_hidden, config.dropout)
@@ -400,17 +404,23 @@ class SRP4CTR(nn.Module):
         return z
 
     def _score(self, z0: torch.Tensor, zn: torch.Tensor, head_user: torch.Tensor,
-               cand_item: torch.Tensor) -> torch.Tensor:
-        cand = torch.cat([zn, z0], -1) if self.config.use_xattn else z0
+               cand_item: torch.Tensor, cand_stats: torch.Tensor | None = None) -> torch.Tensor:
+        parts = [zn, z0] if self.config.use_xattn else [z0]
+        if self.item_statistics is not None:
+            parts.append(self.item_statistics(cand_item, cand_stats))
+        cand = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
         logits = self.head(cand, head_user)
         if self.item_bias is not None:
             logits = logits + self.item_bias(cand_item).squeeze(-1)
         return logits
 
     def score_candidates(self, state: UserState, cand_item: torch.Tensor,
-                         user_index: torch.Tensor | None = None) -> torch.Tensor:
+                         user_index: torch.Tensor | None = None,
+                         cand_stats: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [N] of candidates ``cand_item`` [N]; candidate n belongs to user
-        ``user_index[n]`` of ``state`` (``None``: user n, N must equal the number of users)."""
+        ``user_index[n]`` of ``state`` (``None``: user n, N must equal the number of users).
+        ``cand_stats`` [N, 3]: the candidates' item statistics (``item_stats``; training
+        samples' out-of-fold values), else the model's table."""
         N = cand_item.shape[0]
         if user_index is None:
             if N != state.n_users:
@@ -429,7 +439,7 @@ class SRP4CTR(nn.Module):
             return state.head_user.new_zeros(0)
         z0 = self.candidate_embedding(cand_item)
         zn = self.tower(z0, state, user_index)
-        return self._score(z0, zn, head_user, cand_item)
+        return self._score(z0, zn, head_user, cand_item, cand_stats)
 
     def score_candidates_one_user(self, state: UserState, cand_item: torch.Tensor) -> torch.Tensor:
         """Logits [C] of candidates ``cand_item`` [C] of the single user in ``state`` (B = 1).
@@ -450,4 +460,5 @@ class SRP4CTR(nn.Module):
         return self._score(z0, z, state.head_user, cand_item)  # [1, h1] broadcasts over C
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.score_candidates(self.encode_users(batch), batch["cand_item"])
+        return self.score_candidates(self.encode_users(batch), batch["cand_item"],
+                                     cand_stats=batch.get("cand_stats"))

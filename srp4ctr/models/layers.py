@@ -288,3 +288,28 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+
+
+#: the columns of :class:`ItemStatistics` (standardised), in order
+ITEM_STAT_COLUMNS = ("log1p_count", "label_mean", "rating_mean")
+
+
+class ItemStatistics(nn.Module):
+    """Training-split statistics of the candidate item as a CTR input (``ModelConfig.item_stats``):
+    ``[log1p(count), label mean, rating mean]``, smoothed and standardised
+    (:func:`srp4ctr.train.item_stats.item_statistics`) -> ``[N, 3]``.
+
+    ``table`` [n_item_ids, 3] (a saved buffer) holds every item's statistics over the whole
+    training split: validation, test and serving read it. Training samples carry their own
+    out-of-fold values as ``batch["cand_stats"]`` (their own label never enters them), which
+    take its place. A fresh model's table is zeros until training fills it.
+    """
+
+    width = len(ITEM_STAT_COLUMNS)
+
+    def __init__(self, n_item_ids: int):
+        super().__init__()
+        self.register_buffer("table", torch.zeros(n_item_ids, self.width))
+
+    def forward(self, cand_item: torch.Tensor, given: torch.Tensor | None = None) -> torch.Tensor:
+        return self.table.index_select(0, cand_item) if given is None else given

@@ -222,6 +222,9 @@ class ModelConfig:
         ``use_qformer=False`` ablation would see no user features at all).
     item_bias: a learned per-item scalar added to the CTR logit (one row per item id, zero
         initialised).
+    item_stats: the candidate item's training-split statistics (count, label and rating means;
+        out-of-fold for training samples: :mod:`srp4ctr.train.item_stats`) as an input of the
+        CTR head (SRP4CTR: its candidate part, folded into the per-item head table in serving).
 """
 
     d_model: int = 64
@@ -246,6 +249,7 @@ class ModelConfig:
     loss_weights: dict[str, float] | None = None
     head_user_features: bool = False
     item_bias: bool = False
+    item_stats: bool = False
 
     def __post_init__(self) -> None:
         self.head_hidden = tuple(int(h) for h in self.head_hidden)
@@ -286,7 +290,7 @@ class ModelConfig:
                                      f">= 0 each, got {f!r}: {w!r}")
                 weights[f] = float(w)
             self.loss_weights = weights
-        for name in ("head_user_features", "item_bias"):
+        for name in ("head_user_features", "item_bias", "item_stats"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"ModelConfig.{name} must be true or false, got "
                                  f"{getattr(self, name)!r}")

@@ -655,6 +655,19 @@ def finetune(
     train_set, valid_set, test_set = (
         CTRDataset(ds, split, max_len=mcfg.max_len, negatives=cfg.negatives, seed=cfg.seed,
                    strict_time=strict_time) for split in ("train", "valid", "test"))
+    stats = getattr(model, "item_statistics", None)
+    if stats is not None:  # ModelConfig.item_stats: out-of-fold for the training samples
+        from srp4ctr.train.item_stats import item_statistics
+
+        if cfg.negatives is not None:
+            raise InputError("ModelConfig.item_stats is not available with sampled negatives "
+                             f"(negatives={cfg.negatives!r}): a positive's own interaction "
+                             "would be in its item's statistics")
+        own, table = item_statistics(ds, train_set.rows, train_set.extras["cand_item"],
+                                     seed=cfg.seed)
+        train_set.extras["cand_stats"] = own
+        with torch.no_grad():
+            stats.table.copy_(torch.from_numpy(table))
     release_memory()  # the set-up's temporaries and scanned dataset pages before training
     drop_mapped_pages(*ds.arrays().values())
     step_model = _wrap(model, "forward", world, cfg.device)
