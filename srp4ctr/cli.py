@@ -270,7 +270,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def experiment_settings(args: argparse.Namespace) -> dict:
     """What ``srp4ctr experiment`` runs with: the defaults, then the ``--config`` file, then the
     flags (``model_config``, ``pretrain_model_config``, ``train_config``, ``pretrain_config``,
-    ``seeds``, ``models``, ``jobs``, ``strict_time``)."""
+    ``seeds``, ``models``, ``jobs``, ``strict_time``, ``pretrain_overrides``)."""
     from srp4ctr.train import TrainConfig
     from srp4ctr.train.experiment import default_pretrain_config
 
@@ -299,7 +299,8 @@ def experiment_settings(args: argparse.Namespace) -> dict:
         pmcfg = pmcfg.replace(dropout=args.pretrain_dropout)
     return {"model_config": mcfg, "pretrain_model_config": pmcfg, "train_config": tcfg,
             "pretrain_config": TrainConfig.from_dict(pcfg), "seeds": seeds, "models": models,
-            "jobs": jobs, "strict_time": strict_time}
+            "jobs": jobs, "strict_time": strict_time,
+            "pretrain_overrides": exp.get("pretrain_overrides") or {}}
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:

@@ -16,7 +16,9 @@ section and the key):
 - ``pretrain``: ``TrainConfig`` of pre-training (``srp4ctr pretrain`` and an experiment's).
 - ``experiment``: ``seeds`` (a count or a list), ``models`` (keys of
   :data:`srp4ctr.train.experiment.VARIANTS`), ``jobs``, ``strict_time`` (true: CTR histories
-  hold only interactions strictly earlier than the candidate; default false).
+  hold only interactions strictly earlier than the candidate; default false),
+  ``pretrain_overrides`` (per pre-training kind, ``TrainConfig`` fields that differ from the
+  ``pretrain`` section for it, e.g. ``{bert: {lr: 0.001}}``).
 
 Command-line flags override the file, the file overrides the defaults. Every run writes the
 settings it resolved as ``run.yaml`` (a checkpoint folder) or ``config.yaml`` (an experiment),
@@ -37,7 +39,7 @@ __all__ = ["DATASET_KEYS", "EXPERIMENT_KEYS", "SECTIONS", "dump_run_config", "lo
            "write_run_config"]
 
 DATASET_KEYS = ("name", "path", "columns", "data_dir")
-EXPERIMENT_KEYS = ("seeds", "models", "jobs", "strict_time")
+EXPERIMENT_KEYS = ("seeds", "models", "jobs", "strict_time", "pretrain_overrides")
 #: fields of ModelConfig that pre-training may set apart from fine-tuning
 PRETRAIN_MODEL_KEYS = ("dropout", "mask_rate", "softmax", "sampled_softmax_above", "sampler",
                       "n_sampled", "loss_weights")
@@ -163,6 +165,12 @@ def _check(path: Path, cfg: dict[str, dict[str, Any]]) -> None:
     strict = exp.get("strict_time")
     if strict is not None and not isinstance(strict, bool):
         raise InputError(f"{path}: experiment.strict_time must be true or false, got {strict!r}")
+    overrides = exp.get("pretrain_overrides")
+    if overrides is not None:
+        from srp4ctr.train.experiment import check_pretrain_overrides
+
+        attempt("experiment", lambda: check_pretrain_overrides(
+            overrides, TrainConfig.from_dict(cfg["pretrain"])))
     models = exp.get("models")
     if models is not None:
         from srp4ctr.train.experiment import VARIANTS

@@ -52,6 +52,50 @@ def test_shipped_config_is_the_committed_results_settings():
     assert load_run_config(ROOT / "configs" / "ml-100k.yaml")["dataset"] == {"name": "ml-100k"}
 
 
+def test_tuned_config_differs_from_the_shipped_one_only_where_its_header_says():
+    """configs/ml-100k-tuned.yaml (the settings chosen on validation, docs/results/ml-100k/
+    tuning.md) resolves, and differs from configs/ml-100k.yaml in the settings it names only."""
+    base = _settings("--config", str(ROOT / "configs" / "ml-100k.yaml"))
+    tuned = _settings("--config", str(ROOT / "configs" / "ml-100k-tuned.yaml"))
+
+    def diff(key):
+        a, b = base[key].to_dict(), tuned[key].to_dict()
+        return {k: b[k] for k in a if a[k] != b[k]}
+
+    weights = {"item": 3.0, "rating": 2.0, "hour": 0.25, "weekday": 0.25}
+    assert diff("model_config") == {"head_user_features": True}
+    assert diff("pretrain_model_config") == {"head_user_features": True, "loss_weights": weights}
+    assert diff("pretrain_config") == {"epochs": 100, "lr": 0.002, "early_stopping": False}
+    assert diff("train_config") == {}
+    assert tuned["seeds"] == base["seeds"] and tuned["jobs"] == base["jobs"]
+    assert base["pretrain_overrides"] == {}
+    assert tuned["pretrain_overrides"] == {"bert": {"lr": 0.001}}
+    # the experiment's plan: each pre-training kind with its own settings
+    from pathlib import Path as _P
+
+    from srp4ctr.train.experiment import _plan
+
+    empty = {"pretrain": {}, "details": {}}
+    tasks = _plan(empty, [0], ["srp4ctr_fgbert", "srp4ctr_bert"], _P("x"),
+                  tuned["model_config"], tuned["pretrain_model_config"], tuned["train_config"],
+                  tuned["pretrain_config"], False, False, tuned["pretrain_overrides"])
+    lrs = {t.name: t.kwargs["train_config"].lr for t in tasks if t.kind == "pretrain"}
+    assert lrs == {"fgbert": 0.002, "bert": 0.001}
+
+
+@pytest.mark.parametrize("text,message", [
+    ("experiment:\n  pretrain_overrides:\n    sasrec: {lr: 0.1}\n", "not a pre-training kind"),
+    ("experiment:\n  pretrain_overrides:\n    bert: {lrr: 0.1}\n", "unknown training setting"),
+    ("experiment:\n  pretrain_overrides:\n    bert: {seed: 3}\n", "set by the experiment"),
+    ("experiment:\n  pretrain_overrides:\n    bert: 3\n", "mapping"),
+])
+def test_bad_pretrain_overrides_are_named(tmp_path, text, message):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(InputError, match=message):
+        load_run_config(f)
+
+
 def test_flags_override_the_file_and_the_file_overrides_defaults(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("model:\n  d_model: 32\n  dropout: 0.2\npretrain_model:\n  dropout: 0.3\n"

@@ -171,11 +171,39 @@ def protocol_text(ds, max_len: int, seeds: list[int], negatives: str | None, *,
     )
 
 
+def check_pretrain_overrides(overrides, pretrain_config: TrainConfig) -> dict[str, dict]:
+    """``{kind: {TrainConfig field: value}}`` checked: every kind a pre-training kind, every
+    field a ``TrainConfig`` field that gives a valid config over ``pretrain_config``
+    (:class:`~srp4ctr.errors.InputError` naming what is wrong). Returns plain dicts."""
+    from srp4ctr.errors import InputError
+    from srp4ctr.models.registry import model_kinds
+
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise InputError(f"pretrain_overrides must map a pre-training kind to settings, got "
+                         f"{overrides!r}")
+    out = {}
+    for kind, ov in overrides.items():
+        if kind not in model_kinds("pretrain"):
+            raise InputError(f"pretrain_overrides: {kind!r} is not a pre-training kind; "
+                             f"known: {list(model_kinds('pretrain'))}")
+        if not isinstance(ov, dict):
+            raise InputError(f"pretrain_overrides.{kind} must be a mapping of settings")
+        for key in ("seed", "progress"):
+            if key in ov:
+                raise InputError(f"pretrain_overrides.{kind}.{key}: set by the experiment")
+        TrainConfig.from_dict({**pretrain_config.to_dict(), **ov})
+        out[kind] = dict(ov)
+    return out
+
+
 def run_experiment(
     ds, out: str | os.PathLike, *, seeds: int | list[int] = 5, models: list[str] | None = None,
     model_config=None, train_config: TrainConfig | None = None, resume: bool = True,
     progress: bool = True, pretrain_config: TrainConfig | None = None, jobs: int = 1,
     pretrain_model_config=None, strict_time: bool = False,
+    pretrain_overrides: dict[str, dict] | None = None,
 ) -> dict:
     """Run every (model, seed) not finished yet in ``out`` and write the tables.
 
@@ -187,6 +215,9 @@ def run_experiment(
     do not change the architecture (dropout, mask rate). ``strict_time``: CTR histories hold only
     interactions strictly earlier than the candidate (see the module docstring); a folder holds
     results of one setting only (resuming into one of the other is an ``InputError``).
+    ``pretrain_overrides``: per pre-training kind (``"fgbert"``, ``"bert"``), the
+    ``TrainConfig`` fields that differ from ``pretrain_config`` for it (each kind tuned on its
+    own, e.g. ``{"bert": {"lr": 1e-3}}``).
     """
     from srp4ctr.data.samples import same_second_history_share
     from srp4ctr.errors import InputError
@@ -212,6 +243,7 @@ def run_experiment(
     tcfg = train_config or TrainConfig()
     pcfg = pretrain_config or default_pretrain_config(tcfg)
     pmcfg = pretrain_model_config or mcfg
+    overrides = check_pretrain_overrides(pretrain_overrides, pcfg)
     results_path = out / "results.json"
     results = _load(results_path) if resume else None
     if results is None or results.get("dataset") != ds.name or results.get("fingerprint") != ds.fingerprint:
@@ -235,12 +267,14 @@ def run_experiment(
     results["train_config"] = tcfg.to_dict()
     results["pretrain_config"] = pcfg.to_dict()
     results["pretrain_model_config"] = pmcfg.to_dict()
+    results["pretrain_overrides"] = overrides
     results["machine"] = machine_info()
     results["seeds"] = seeds
-    _write_resolved(out, ds, mcfg, pmcfg, tcfg, pcfg, seeds, models, jobs, strict_time)
+    _write_resolved(out, ds, mcfg, pmcfg, tcfg, pcfg, seeds, models, jobs, strict_time,
+                    overrides)
     t_start = time.perf_counter()
     tasks = _plan(results, seeds, models, out, mcfg, pmcfg, tcfg, pcfg,
-                  progress and jobs == 1, strict_time)
+                  progress and jobs == 1, strict_time, overrides)
     threads = _threads_per_job(tcfg, jobs)
     results["parallel"] = {"jobs": jobs, "threads_per_job": threads}
 
@@ -296,7 +330,7 @@ class _Task:
 
 
 def _plan(results, seeds, models, out: Path, mcfg, pmcfg, tcfg, pcfg, progress: bool,
-          strict_time: bool = False) -> list[_Task]:
+          strict_time: bool = False, pretrain_overrides: dict | None = None) -> list[_Task]:
     """The runs still to do, in the order they should start."""
     tasks = []
     ordered = sorted(models, key=lambda m: _ORDER.index(m) if m in _ORDER else len(_ORDER))
@@ -310,7 +344,9 @@ def _plan(results, seeds, models, out: Path, mcfg, pmcfg, tcfg, pcfg, progress: 
             done = results["pretrain"].get(pkind, {}).get(str(seed))
             if done is not None and (pdir / "config.json").exists():
                 continue
-            ptc = TrainConfig.from_dict({**pcfg.to_dict(), "seed": seed, "progress": progress})
+            ptc = TrainConfig.from_dict({**pcfg.to_dict(),
+                                         **(pretrain_overrides or {}).get(pkind, {}),
+                                         "seed": seed, "progress": progress})
             tasks.append(_Task("pretrain", pkind, seed, str(pdir),
                                {"model_config": pmcfg, "train_config": ptc, "kind": pkind}))
             pending.add(pkind)
@@ -401,7 +437,7 @@ CONFIG_FILE = "config.yaml"
 
 
 def _write_resolved(out: Path, ds, mcfg, pmcfg, tcfg, pcfg, seeds, models, jobs,
-                    strict_time: bool = False) -> None:
+                    strict_time: bool = False, pretrain_overrides: dict | None = None) -> None:
     from srp4ctr.data.recorded import dataset_record
     from srp4ctr.runconfig import PRETRAIN_MODEL_KEYS, write_run_config
 
@@ -413,7 +449,9 @@ def _write_resolved(out: Path, ds, mcfg, pmcfg, tcfg, pcfg, seeds, models, jobs,
         "dataset": dataset, "model": mcfg.to_dict(), "pretrain_model": pre_model,
         "finetune": tcfg.to_dict(), "pretrain": pcfg.to_dict(),
         "experiment": {"seeds": list(seeds), "models": list(models), "jobs": int(jobs),
-                       "strict_time": bool(strict_time)},
+                       "strict_time": bool(strict_time),
+                       **({"pretrain_overrides": pretrain_overrides}
+                          if pretrain_overrides else {})},
     }, f"the settings of this experiment: srp4ctr experiment --config {CONFIG_FILE} --out DIR "
        "repeats it")
 
