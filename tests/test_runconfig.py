@@ -65,7 +65,7 @@ def test_tuned_config_differs_from_the_shipped_one_only_where_its_header_says():
     weights = {"item": 3.0, "rating": 2.0, "hour": 0.25, "weekday": 0.25}
     assert diff("model_config") == {"head_user_features": True}
     assert diff("pretrain_model_config") == {"head_user_features": True, "loss_weights": weights}
-    assert diff("pretrain_config") == {"epochs": 100, "lr": 0.002, "early_stopping": False}
+    assert diff("pretrain_config") == {"epochs": 100, "lr": 0.004, "early_stopping": False}
     assert diff("train_config") == {}
     assert tuned["seeds"] == base["seeds"] and tuned["jobs"] == base["jobs"]
     assert base["pretrain_overrides"] == {}
@@ -80,7 +80,7 @@ def test_tuned_config_differs_from_the_shipped_one_only_where_its_header_says():
                   tuned["model_config"], tuned["pretrain_model_config"], tuned["train_config"],
                   tuned["pretrain_config"], False, False, tuned["pretrain_overrides"])
     lrs = {t.name: t.kwargs["train_config"].lr for t in tasks if t.kind == "pretrain"}
-    assert lrs == {"fgbert": 0.002, "bert": 0.001}
+    assert lrs == {"fgbert": 0.004, "bert": 0.001}
 
 
 @pytest.mark.parametrize("text,message", [
