@@ -289,7 +289,6 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-
 #: the columns of :class:`ItemStatistics` (standardised), in order
 ITEM_STAT_COLUMNS = ("log1p_count", "label_mean", "rating_mean")
 

@@ -44,13 +44,15 @@ def item_statistics(ds, train_rows: np.ndarray, train_cand: np.ndarray, *, seed:
         rating = s.get("item_rating_mean", np.zeros(c.shape[0]))
         return np.stack([np.log1p(s["item_count"]), s["item_label_mean"], rating], 1)
 
-    train = columns(rows, cand)
-    # every item id over the whole training split: a row of another split excludes nothing
+    # the table (every item id over the whole training split) in the same pass: paired with a
+    # row of another split, a candidate's statistics leave nothing out
     other = np.flatnonzero(ds.split != 0)
     if other.size == 0:
         raise InputError("item statistics need a row outside the training split")
     ids = np.arange(ds.n_items + 2, dtype=np.int64)
-    table = columns(np.full(ids.shape, other[0]), ids)
+    both = columns(np.concatenate([rows, np.full(ids.shape, other[0])]),
+                   np.concatenate([cand, ids]))
+    train, table = both[: rows.size], both[rows.size :]
     if not standardise:
         return train.astype(np.float32), table.astype(np.float32)
     mu = train.mean(0) if train.size else np.zeros(3)

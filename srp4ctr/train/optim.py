@@ -62,11 +62,14 @@ def make_optimizer(
     sparse = [p for p in params if id(p) in sparse_ids]
     params = [p for p in params if id(p) not in sparse_ids]
     scaled_ids = {id(p) for p in scaled_params} if lr_ratio != 1.0 else set()
-    groups = [{"params": [p for p in params if id(p) not in scaled_ids], "lr": lr}]
-    if scaled_ids:
-        groups.append({"params": [p for p in params if id(p) in scaled_ids],
-                       "lr": lr * lr_ratio})
-    groups = [g for g in groups if g["params"]] or [{"params": [], "lr": lr}]
+
+    def groups_of(ps: list) -> list[dict]:
+        """``ps`` as parameter groups: at ``lr``, and the scaled ones at ``lr * lr_ratio``."""
+        groups = [{"params": [p for p in ps if id(p) not in scaled_ids], "lr": lr},
+                  {"params": [p for p in ps if id(p) in scaled_ids], "lr": lr * lr_ratio}]
+        return [g for g in groups if g["params"]] or [{"params": [], "lr": lr}]
+
+    groups = groups_of(params)
     if weight_decay > 0:
         opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     else:
@@ -89,8 +92,6 @@ def make_optimizer(
             "weight_decay %g applies to the dense parameters only: the %d sparse-gradient "
             "embedding table(s) (vocabularies above ModelConfig.sampled_softmax_above) are "
             "stepped by SparseAdam, without decay", weight_decay, len(sparse))
-    sgroups = [{"params": [p for p in sparse if id(p) not in scaled_ids], "lr": lr},
-               {"params": [p for p in sparse if id(p) in scaled_ids], "lr": lr * lr_ratio}]
-    sopt = torch.optim.SparseAdam([g for g in sgroups if g["params"]], lr=lr)
+    sopt = torch.optim.SparseAdam(groups_of(sparse), lr=lr)
     ssched = torch.optim.lr_scheduler.LambdaLR(sopt, factor)
     return _Steps([opt, sopt]), _Steps([sched, ssched])
